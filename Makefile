@@ -1,0 +1,48 @@
+# Two commands do everything on a fresh machine:
+#   make run    create .venv, install torch then the package, run the whole pipeline (dvc repro)
+#   make test   same set-up, then the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(CURDIR)/$(VENV)/bin
+PYTEST_ARGS ?=
+
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/tmp/site-cache
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install run test test-all paper bench validate clean
+
+install: $(VENV)/.installed
+
+# torch first: the pinned version is a CPU build here and the CUDA build on a GPU machine.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+run: install
+	$(BIN)/dvc repro
+
+test: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The paper-scale setting (12 layers, width 128, d in {2, 8, 32, 128}, 1280 tasks per cell) as a DVC experiment.
+paper: install
+	eval $(BIN)/dvc exp run -n paper $$($(BIN)/python -m pipeline profile paper)
+
+bench: install
+	$(BIN)/python -m pipeline bench
+
+validate: install
+	$(BIN)/python -m pipeline validate
+
+clean:
+	rm -rf outputs dvc_plots data/gmm

@@ -1,0 +1,156 @@
+"""The TGMM study: which solvers on which evaluation sets, and where the results land.
+
+    generate : fixed evaluation sets per (d, K)   -> data/gmm/d{d}_K{K}.npz
+    evaluate : network + classical solvers on them -> <out>/eval/results.json
+    report   : metrics JSON, dvc-plots CSVs, PNG figures, markdown tables -> <out>/report/
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config
+from pipeline.tasks.base import Solver
+from pipeline.tasks.gmm import GMMBatch, make_generator
+from pipeline.training.module import BASELINE_STREAM, EVAL_STREAM, sample_tasks
+
+DATA_DIR = Path("data") / "gmm"
+
+
+def eval_set_path(data_dir: Path, d: int, K: int) -> Path:
+    return Path(data_dir) / f"d{d}_K{K}.npz"
+
+
+def make_eval_set(cfg: Config, d: int, K: int, device="cpu") -> GMMBatch:
+    """The fixed evaluation tasks of cell (d, K): N = eval.n samples each, seeded by (seed, d, K)."""
+    g = make_generator(cfg.seed, EVAL_STREAM, d, K, device=device)
+    return sample_tasks(cfg, d, K, cfg.eval.n_tasks, g, device, cfg.eval.n, cfg.eval.n)
+
+
+def generate(cfg: Config, data_dir: Path = DATA_DIR) -> list[Path]:
+    from pipeline.studies.evaluate import save_eval_set
+
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for d in cfg.task.dims:
+        for K in cfg.task.ks:
+            path = eval_set_path(data_dir, d, K)
+            meta = {"d": d, "K": K, "n": cfg.eval.n, "n_tasks": cfg.eval.n_tasks, "seed": cfg.seed,
+                    "anisotropic": cfg.task.anisotropic}
+            save_eval_set(path, make_eval_set(cfg, d, K), meta)
+            paths.append(path)
+    (data_dir / "manifest.json").write_text(json.dumps(
+        {"files": [p.name for p in paths], "dims": cfg.task.dims, "ks": cfg.task.ks}, indent=2) + "\n")
+    return paths
+
+
+def load_eval_sets(cfg: Config, data_dir: Path = DATA_DIR) -> dict[tuple[int, int], GMMBatch]:
+    from pipeline.studies.evaluate import load_eval_set
+
+    sets = {}
+    for d in cfg.task.dims:
+        for K in cfg.task.ks:
+            path = eval_set_path(data_dir, d, K)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: evaluation set not found (run `python -m pipeline generate`)")
+            batch, meta = load_eval_set(path)
+            if (meta.get("d"), meta.get("K"), meta.get("n_tasks"), meta.get("n")) != (d, K, cfg.eval.n_tasks, cfg.eval.n):
+                raise ValueError(f"{path}: was generated for other params ({meta}); rerun `python -m pipeline generate`")
+            sets[(d, K)] = batch
+    return sets
+
+
+def baseline_solvers(cfg: Config, d: int) -> list[Solver]:
+    from pipeline.algorithms import EMPaper, EMStrong, Spectral
+
+    b = cfg.baselines
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=make_generator(cfg.seed, BASELINE_STREAM, d)))
+    cov = "diag" if cfg.task.anisotropic else "identity"
+    table = {
+        "em_paper": lambda: EMPaper(max_iter=b.em_max_iter, tol=b.em_tol, seed=seed),
+        "em_strong": lambda: EMStrong(restarts=b.strong_restarts, max_iter=b.em_max_iter, tol=b.em_tol,
+                                      covariance=cov, seed=seed),
+        "spectral": lambda: Spectral(n_restarts=b.spectral_restarts, n_iter=b.spectral_iters, seed=seed),
+    }
+    return [table[m]() for m in b.methods]
+
+
+def network_solver(cfg: Config, d: int, device) -> Solver:
+    from pipeline.models.tgmm import NetworkSolver, load_network
+
+    path = Path(cfg.out_dir) / "train" / f"d{d}" / "model.safetensors"
+    return NetworkSolver(load_network(path, device=device), name="tgmm")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("eval.device: cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def evaluate(cfg: Config, data_dir: Path = DATA_DIR, track: bool = True) -> dict:
+    from pipeline.studies.evaluate import evaluate_grid
+    from pipeline.training import tracking
+
+    sets = load_eval_sets(cfg, data_dir)
+    for d in cfg.task.dims:  # fail before any compute if a network is missing
+        p = Path(cfg.out_dir) / "train" / f"d{d}" / "model.safetensors"
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: trained network not found (run `python -m pipeline train --d {d}`)")
+    device = resolve_device(cfg.eval.device)
+    sets = {k: v.to(device) for k, v in sets.items()}
+
+    def solvers_for_d(d: int) -> list[Solver]:
+        return [network_solver(cfg, d, device), *baseline_solvers(cfg, d)]
+
+    results = evaluate_grid(solvers_for_d, sets, chunk_size=cfg.eval.chunk_size)
+    results.update(study=cfg.study, dims=cfg.task.dims, ks=cfg.task.ks, n=cfg.eval.n, n_tasks=cfg.eval.n_tasks,
+                   device=str(device))
+    out = Path(cfg.out_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2) + "\n")
+    if track:
+        with tracking.tracked_run(cfg, f"{cfg.study}-evaluate", "evaluate", cfg.out_dir) as logger:
+            if logger is not None:
+                logger.experiment.log(eval_metrics_flat(results))
+    return results
+
+
+def eval_metrics_flat(results: dict) -> dict[str, float]:
+    """eval/<metric>/d=<d>/K=<K>/<method> for W&B; not-applicable cells are left out."""
+    flat = {}
+    for c in results["cells"]:
+        if not c["applicable"]:
+            continue
+        for metric in ("l2", "accuracy", "loglik"):
+            v = c[metric]["mean"]
+            if v is not None and math.isfinite(v):
+                flat[f"eval/{metric}/d={c['d']}/K={c['K']}/{c['method']}"] = v
+        flat[f"eval/seconds/d={c['d']}/K={c['K']}/{c['method']}"] = c["seconds"]
+    return flat
+
+
+def _json_safe(o):
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_json_safe(v) for v in o]
+    return o
+
+
+def report(cfg: Config) -> list[Path]:
+    from pipeline.studies.report import write_report
+
+    path = Path(cfg.out_dir) / "eval" / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: evaluation results not found (run `python -m pipeline evaluate`)")
+    results = json.loads(path.read_text())
+    return write_report(results, Path(cfg.out_dir) / "report")

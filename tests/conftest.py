@@ -1,0 +1,57 @@
+"""Shared fixtures: an isolated environment (no network, no home-directory writes) and a tiny config."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_PARAMS: dict = {
+    "seed": 0,
+    "task": {"dims": [2], "ks": [2, 3], "n0": 16},
+    "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "k_embd": 4},
+    "train": {"steps": 4, "batch_per_k": 4, "warmup_steps": 1, "ckpt_every": 2, "val_every": 2,
+              "log_every": 1, "val_tasks": 4, "accelerator": "cpu"},
+    "eval": {"n_tasks": 8, "n": 16},
+    "wandb": {"mode": "disabled"},
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a longer test (deselect with -m 'not slow')")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path, monkeypatch):
+    """Every test: W&B disabled (tests of tracking switch to offline), all W&B / DVC state under
+    tmp_path, no analytics, no credentials."""
+    env_root = tmp_path / "_env"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(env_root / "wandb"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(env_root / "wandb-cache"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(env_root / "wandb-config"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(env_root / "wandb-data"))
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(env_root / "dvc-site-cache"))
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    yield
+
+
+@pytest.fixture
+def tiny_params(tmp_path) -> dict:
+    """The raw parameter dict behind `tiny_cfg` (a fresh deep copy; edit freely)."""
+    p = copy.deepcopy(TINY_PARAMS)
+    p["out_dir"] = str(tmp_path / "outputs")
+    return p
+
+
+@pytest.fixture
+def tiny_cfg(tiny_params) -> Config:
+    """A validated Config for a run of a few seconds on CPU (d=2, K in {2, 3}, 4 steps)."""
+    return from_dict(tiny_params, source="tiny_cfg")
