@@ -132,18 +132,19 @@ def log_likelihood(x: ArrayLike, mask: ArrayLike, est_weights: ArrayLike, est_me
 def summarize(values: ArrayLike) -> dict:
     """Mean over tasks with a 95 % Student-t confidence half-width; NaN entries are dropped.
 
-    Returns {"mean", "std" (ddof=1), "ci95" (half-width), "n" (tasks scored)}. With n = 0 all
-    three are NaN; with n = 1 std and ci95 are NaN (undefined).
+    Returns {"mean", "std" (ddof=1), "ci95" (half-width), "median", "n" (tasks scored)}. With n = 0
+    all are NaN; with n = 1 std and ci95 are NaN (undefined). The median is there because a few
+    blow-ups (e.g. the spectral method on near-collinear means) can dominate a mean.
     """
     v = _np(values).astype(np.float64).ravel()
     v = v[~np.isnan(v)]
     n = int(v.size)
     nan = float("nan")
     if n == 0:
-        return {"mean": nan, "std": nan, "ci95": nan, "n": 0}
+        return {"mean": nan, "std": nan, "ci95": nan, "median": nan, "n": 0}
     mean = float(v.mean())
     if n == 1:
-        return {"mean": mean, "std": nan, "ci95": nan, "n": 1}
+        return {"mean": mean, "std": nan, "ci95": nan, "median": mean, "n": 1}
     std = float(v.std(ddof=1))
     ci95 = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
-    return {"mean": mean, "std": std, "ci95": ci95, "n": n}
+    return {"mean": mean, "std": std, "ci95": ci95, "median": float(np.median(v)), "n": n}

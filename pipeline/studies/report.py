@@ -237,6 +237,28 @@ def markdown_table(results: dict, metric: str = "l2") -> str:
     return "\n".join(lines)
 
 
+def markdown_median_table(results: dict, metric: str = "l2") -> str:
+    """Medians over tasks, one row per (method, d): robust to the few blow-ups that can dominate a mean."""
+    methods, ds, Ks, index = _grid(results)
+    title = METRIC_INFO[metric][0]
+    lines = [f"### Median {title} over tasks", "", "| method | d | " + " | ".join(f"K={K}" for K in Ks) + " |",
+             "|---|---:|" + "---:|" * len(Ks)]
+    for m in methods:
+        for d in ds:
+            row = []
+            for K in Ks:
+                cell = index.get((m, d, K))
+                if cell is None:
+                    row.append("")
+                elif not cell["applicable"]:
+                    row.append("n/a")
+                else:
+                    med = _num((cell.get(metric) or {}).get("median"))
+                    row.append(_fmt(med) if math.isfinite(med) else "")
+            lines.append(f"| {m} | {d} | " + " | ".join(row) + " |")
+    return "\n".join(lines + [""])
+
+
 def markdown_time_table(results: dict) -> str:
     """Wall seconds of the solver calls per method and d (summed over K), with ms per task."""
     methods, ds, Ks, index = _grid(results)
@@ -261,7 +283,7 @@ def markdown_time_table(results: dict) -> str:
 
 
 def write_report(results: dict, out_dir: str | Path) -> list[Path]:
-    """metrics.json, plots/<metric>_d<d>.csv, figures/<metric>_vs_K.png and report.md under out_dir."""
+    """metrics.json, plots/<metric>.csv, figures/<metric>_vs_K.png and report.md under out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.json"
@@ -272,6 +294,8 @@ def write_report(results: dict, out_dir: str | Path) -> list[Path]:
     body = ["# GMM parameter estimation: methods across (d, K)", ""]
     for metric in METRICS:
         body += [markdown_table(results, metric), f"![{metric}](figures/{metric}_vs_K.png)", ""]
+        if metric == "l2":
+            body += [markdown_median_table(results, metric), ""]
     body.append(markdown_time_table(results))
     report = out_dir / "report.md"
     report.write_text("\n".join(body))

@@ -95,7 +95,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def evaluate(cfg: Config, data_dir: Path = DATA_DIR, track: bool = True) -> dict:
-    from pipeline.studies.evaluate import evaluate_grid
+    from pipeline.studies.evaluate import evaluate_grid, write_results
     from pipeline.training import tracking
 
     sets = load_eval_sets(cfg, data_dir)
@@ -114,7 +114,7 @@ def evaluate(cfg: Config, data_dir: Path = DATA_DIR, track: bool = True) -> dict
                    device=str(device))
     out = Path(cfg.out_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2) + "\n")
+    write_results(out / "results.json", results)
     if track:
         with tracking.tracked_run(cfg, f"{cfg.study}-evaluate", "evaluate", cfg.out_dir) as logger:
             if logger is not None:
@@ -136,21 +136,12 @@ def eval_metrics_flat(results: dict) -> dict[str, float]:
     return flat
 
 
-def _json_safe(o):
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _json_safe(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_json_safe(v) for v in o]
-    return o
-
-
 def report(cfg: Config) -> list[Path]:
     from pipeline.studies.report import write_report
 
     path = Path(cfg.out_dir) / "eval" / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: evaluation results not found (run `python -m pipeline evaluate`)")
-    results = json.loads(path.read_text())
-    return write_report(results, Path(cfg.out_dir) / "report")
+    from pipeline.studies.evaluate import load_results
+
+    return write_report(load_results(path), Path(cfg.out_dir) / "report")
