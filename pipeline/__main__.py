@@ -44,7 +44,31 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--skip-baselines", action="store_true")
     pr = sub.add_parser("profile", help="print a profile as dvc exp run -S arguments")
     pr.add_argument("name")
+    for name, (module, help_text) in EXTENSIONS.items():
+        mod = _extension(module)
+        if mod is not None:
+            mod.add_arguments(sub.add_parser(name, help=help_text))
     return p
+
+
+# Commands that live in their own modules: each defines add_arguments(parser) and
+# main(args, cfg) -> exit status, and keeps heavy imports (ray, wandb) inside functions.
+EXTENSIONS = {
+    "sweep": ("pipeline.tuning.cli", "run a Ray Tune sweep from sweeps/<name>.yaml"),
+    "robustness": ("pipeline.studies.robustness", "TGMM sample-size and distribution-shift studies"),
+    "dashboard": ("pipeline.studies.dashboard", "define the W&B robustness and scaling dashboard"),
+}
+
+
+def _extension(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and (module == e.name or module.startswith(e.name + ".")):  # not written yet
+            return None
+        raise
 
 
 def _fail(msg: str, code: int) -> int:
@@ -104,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
 
             for p in tgmm.report(cfg):
                 print(p)
+        elif args.command in EXTENSIONS:
+            return _extension(EXTENSIONS[args.command][0]).main(args, cfg)
         elif args.command == "bench":
             from pipeline import bench
 

@@ -100,6 +100,16 @@ class BaselinesConfig:
 
 
 @dataclass
+class RobustnessConfig:
+    d: int = _f(2, "dimension of the robustness studies", min=1)
+    train_n0: list[int] = _f([32, 64, 128], "sample-size shift: one network per training N0", min=2, nonempty=True)
+    eval_n: list[int] = _f([16, 32, 64, 128, 256], "sample sizes N at evaluation", min=2, nonempty=True)
+    sigma_p: list[float] = _f([0.0, 1.0, 2.0, 5.0, 10.0], "distribution shift: means + N(0, sigma_p^2 I)",
+                              min=0, nonempty=True)
+    n_tasks: int = _f(128, "evaluation tasks per cell of the robustness studies", min=1)
+
+
+@dataclass
 class WandbConfig:
     mode: str = _f("auto", "auto: online if W&B credentials are configured, else offline; WANDB_MODE wins",
                    choices=("auto", "online", "offline", "disabled"))
@@ -118,6 +128,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def to_dict(self) -> dict:
