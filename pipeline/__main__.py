@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     from pipeline.training.module import NonFiniteLossError
+    from pipeline.training.train import TrainingInterrupted
 
     try:
         if args.command == "generate":
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e).strip("'\""), 2)
     except NonFiniteLossError as e:
         return _fail(str(e), 1)
+    except TrainingInterrupted as e:
+        return _fail(str(e), 143)
     return 0
 
 

@@ -38,11 +38,13 @@ def test_dvc_repro_tiny_project(tmp_path):
     dvc = [sys.executable, "-m", "dvc"]
     _run(["git", "init", "-q"], proj, env)
     _run(dvc + ["init", "-q"], proj, env)
-    shutil.copytree(REPO / ".dvc" / "plots", proj / ".dvc" / "plots")
+    shutil.copytree(REPO / ".dvc" / "plots", proj / ".dvc" / "plots", dirs_exist_ok=True)
     _run(["git", "add", "-A"], proj, env)
     _run(["git", "commit", "-qm", "init"], proj, env)
 
-    _run(dvc + ["repro"], proj, env)
+    # The sweep stages (Ray Tune) have tests of their own; here: the TGMM study and its robustness.
+    targets = ["report", "robustness_report"]
+    _run(dvc + ["repro", *targets], proj, env)
     out = proj / "outputs"
     assert sorted(p.name for p in (proj / "data" / "gmm").glob("*.npz")) == [
         f"d{d}_K{K}.npz" for d in (2, 3) for K in (2, 3)]
@@ -56,14 +58,18 @@ def test_dvc_repro_tiny_project(tmp_path):
     assert "spectral d=2 K=3" in metrics["not_applicable"]  # K > d
     assert {p.name for p in (out / "report" / "figures").glob("*.png")} >= {"l2_vs_K.png"}
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    # robustness: N0 = 16 = task.n0 reuses the main d=2 network, N0 = 8 is trained
+    rob = json.loads((out / "robustness" / "report" / "metrics.json").read_text())
+    assert rob and (out / "robustness" / "report" / "report.md").is_file()
+    assert (out / "robustness" / "train" / "n0_8" / "model.safetensors").is_file()
     shown = _run(dvc + ["metrics", "show", "--json"], proj, env)
     assert "em_paper" in shown
 
-    again = _run(dvc + ["repro"], proj, env)
+    again = _run(dvc + ["repro", *targets], proj, env)
     assert "up to date" in again.lower() and "Running stage" not in again
 
     _run(["git", "add", "-A"], proj, env)
     _run(["git", "commit", "-qm", "lock"], proj, env)
-    exp = _run(dvc + ["exp", "run", "-S", "train.lr=0.0005"], proj, env)
+    exp = _run(dvc + ["exp", "run", "-S", "train.lr=0.0005", *targets], proj, env)
     assert "Running stage 'train@2'" in exp and "Running stage 'evaluate'" in exp
     assert "Running stage 'generate'" not in exp

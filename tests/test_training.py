@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ TINY = {
               "val_tasks": 4, "accelerator": "cpu"},
     "eval": {"n_tasks": 8, "n": 16},
     "baselines": {"strong_restarts": 2, "em_max_iter": 20, "spectral_restarts": 2, "spectral_iters": 10},
+    "robustness": {"d": 2, "train_n0": [8, 16], "eval_n": [8, 16], "sigma_p": [0.0, 5.0], "n_tasks": 4},
     "wandb": {"mode": "disabled"},
 }
 
@@ -147,3 +149,38 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     metrics = json.loads((tmp_path / "outputs" / "train" / "d2" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["global_step"] == 4
     assert (tmp_path / "outputs" / "train" / "d2" / "model.safetensors").is_file()
+
+
+def test_sigterm_keeps_a_resume_point_and_fails_loudly(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny(tmp_path, train__steps=400, train__ckpt_every=1000, train__val_every=1000)))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--params", str(params), "train", "--no-track"],
+                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "outputs" / "train" / "d2" / "checkpoints" / "last.ckpt"
+    log = tmp_path / "outputs" / "train" / "d2" / "log" / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and log.stat().st_size > 0):
+        time.sleep(0.2)  # wait until training has logged its first steps
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "interrupted by SIGTERM at step" in err.strip().splitlines()[-1]
+    step = torch.load(ckpt, weights_only=True)["global_step"]
+    assert 0 < step < 400
+    assert not (tmp_path / "outputs" / "train" / "d2" / "model.safetensors").exists()
+    r = subprocess.run([sys.executable, "-m", "pipeline", "--params", str(params), "train", "--no-track"],
+                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"(step {step})" in r.stdout
+    metrics = json.loads((tmp_path / "outputs" / "train" / "d2" / "metrics.json").read_text())
+    assert metrics["global_step"] == 400 and "val/l2" in metrics
+
+
+def test_rerun_of_a_finished_training_keeps_its_metrics(tmp_path):
+    cfg = from_dict(tiny(tmp_path))
+    first = train(cfg, d=2, out_dir=tmp_path / "run", track=False, progress_bar=False)
+    again = train(cfg, d=2, out_dir=tmp_path / "run", track=False, progress_bar=False)
+    assert again.resumed_from_step == 6
+    assert again.metrics["val/l2"] == pytest.approx(first.metrics["val/l2"])
+    a = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert all(torch.equal(a[k], first.net.state_dict()[k]) for k in a)

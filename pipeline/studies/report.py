@@ -204,6 +204,15 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
+def _row(index: dict, m: str, d: int, Ks, text) -> list[str]:
+    """Table cells of method m at dimension d: '' (not evaluated), 'n/a' or text(cell)."""
+    row = []
+    for K in Ks:
+        cell = index.get((m, d, K))
+        row.append("" if cell is None else "n/a" if not cell["applicable"] else text(cell, K))
+    return row
+
+
 def markdown_table(results: dict, metric: str = "l2") -> str:
     """One block per method (rows d, columns K, cells `mean ± ci95`), best method per cell in bold."""
     methods, ds, Ks, index = _grid(results)
@@ -216,19 +225,16 @@ def markdown_table(results: dict, metric: str = "l2") -> str:
         lines += [f"**{m}**", "", "| d \\ K | " + " | ".join(str(K) for K in Ks) + " |",
                   "|---|" + "---:|" * len(Ks)]
         for d in ds:
-            row = []
+            def text(cell, K, d=d, m=m):
+                mu, ci = _stat(cell, metric)
+                t = _fmt(mu) if not math.isfinite(ci) else f"{_fmt(mu)} ± {_fmt(ci)}"
+                return f"**{t}**" if m in _best(index, methods, d, K, metric) else t
+
             for K in Ks:
                 cell = index.get((m, d, K))
-                if cell is None:
-                    row.append("")
-                elif not cell["applicable"]:
-                    row.append("n/a")
+                if cell is not None and not cell["applicable"]:
                     reasons.setdefault(m, cell.get("reason") or "not applicable")
-                else:
-                    mu, ci = _stat(cell, metric)
-                    text = _fmt(mu) if not math.isfinite(ci) else f"{_fmt(mu)} ± {_fmt(ci)}"
-                    row.append(f"**{text}**" if m in _best(index, methods, d, K, metric) else text)
-            lines.append(f"| {d} | " + " | ".join(row) + " |")
+            lines.append(f"| {d} | " + " | ".join(_row(index, m, d, Ks, text)) + " |")
         lines.append("")
     for m, r in reasons.items():
         lines.append(f"n/a for {m}: {r}")
@@ -245,17 +251,11 @@ def markdown_median_table(results: dict, metric: str = "l2") -> str:
              "|---|---:|" + "---:|" * len(Ks)]
     for m in methods:
         for d in ds:
-            row = []
-            for K in Ks:
-                cell = index.get((m, d, K))
-                if cell is None:
-                    row.append("")
-                elif not cell["applicable"]:
-                    row.append("n/a")
-                else:
-                    med = _num((cell.get(metric) or {}).get("median"))
-                    row.append(_fmt(med) if math.isfinite(med) else "")
-            lines.append(f"| {m} | {d} | " + " | ".join(row) + " |")
+            def text(cell, K):
+                med = _num((cell.get(metric) or {}).get("median"))
+                return _fmt(med) if math.isfinite(med) else ""
+
+            lines.append(f"| {m} | {d} | " + " | ".join(_row(index, m, d, Ks, text)) + " |")
     return "\n".join(lines + [""])
 
 

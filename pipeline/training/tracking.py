@@ -49,11 +49,12 @@ def run_config(cfg: Config, **extra) -> dict:
 
 
 def make_logger(cfg: Config, name: str, job_type: str, save_dir: str | Path, group: str | None = None,
-                tags: list[str] | None = None, **extra_config):
+                tags: list[str] | None = None, run_id: str | None = None, **extra_config):
     """A Lightning WandbLogger whose run is already started, or None if tracking is unavailable.
 
     The run is created eagerly so that a tracking failure shows here, as a warning, and not as a
-    crashed training run. Online init failures fall back to offline.
+    crashed training run. Online init failures fall back to offline. A `run_id` makes a retried or
+    resumed job continue the same run (resume="allow") instead of starting a second one.
     """
     mode = resolve_mode(cfg.wandb.mode)
     if mode == "disabled":
@@ -69,7 +70,7 @@ def make_logger(cfg: Config, name: str, job_type: str, save_dir: str | Path, gro
     finish()  # a run left open by an earlier failure must not swallow this one
     for attempt in ([mode, "offline"] if mode == "online" else [mode]):
         try:
-            logger = WandbLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, name=name,
+            logger = WandbLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, name=name, id=run_id,
                                  group=group or cfg.wandb.group or cfg.study, job_type=job_type, tags=tags,
                                  save_dir=str(save_dir), mode=attempt, config=run_config(cfg, **extra_config),
                                  settings=wandb.Settings(init_timeout=30, silent=True, x_disable_stats=True))

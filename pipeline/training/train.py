@@ -24,12 +24,17 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.config import Config
 from pipeline.models.tgmm import TGMMNet, save_network
 from pipeline.training import tracking
 from pipeline.training.module import NonFiniteLossError, TGMMModule
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped early (SIGTERM); the checkpoint of the last finished step is kept."""
 
 
 class _Ticks(IterableDataset):
@@ -57,12 +62,25 @@ def default_out_dir(cfg: Config, d: int) -> Path:
     return Path(cfg.out_dir) / "train" / f"d{d}"
 
 
+def code_fingerprint() -> str:
+    """Hash of the code a training run depends on (the same folders dvc.yaml lists as the train
+    stage's deps): a checkpoint written by other code is not resumed."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted([root / "config.py", *[p for sub in ("tasks", "models", "training")
+                                              for p in (root / sub).rglob("*.py")]]):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def training_fingerprint(cfg: Config, d: int) -> str:
-    """Checkpoints are resumed only by runs with the same params (a changed lr starts afresh).
-    task.dims is left out: adding a dimension to the study must not invalidate the others."""
+    """Checkpoints are resumed only by runs with the same params and code (a changed lr starts
+    afresh). task.dims is left out: adding a dimension to the study must not invalidate the others."""
     c = cfg.to_dict()
     c["task"].pop("dims")
     part = {k: c[k] for k in ("seed", "task", "model", "train")}
+    part["code"] = code_fingerprint()
     return f"d{d}-" + hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -115,7 +133,7 @@ def build_trainer(cfg: Config, out_dir: Path, callbacks: list, loggers: list, *,
 def train(cfg: Config, d: int, out_dir: str | Path | None = None, *, callbacks: list | None = None,
           track: bool = True, resume: bool = True, progress_bar: bool = True,
           fast_dev_run: bool | int = False, run_name: str | None = None,
-          wandb_group: str | None = None) -> TrainResult:
+          wandb_group: str | None = None, wandb_id: str | None = None) -> TrainResult:
     """Train a TGMM network for dimension d. Resumes from out_dir/checkpoints/last.ckpt when it
     belongs to the same params. Raises NonFiniteLossError on NaN/inf (checkpoint kept)."""
     if d not in cfg.task.dims:
@@ -131,30 +149,42 @@ def train(cfg: Config, d: int, out_dir: str | Path | None = None, *, callbacks: 
         last = ckpt_dir / "last.ckpt"
         ckpt_path = last if resume and not fast_dev_run and last.is_file() else None
 
+    resumed_step = None
+    if ckpt_path is not None:
+        resumed_step = int(torch.load(ckpt_path, map_location="cpu", weights_only=True)["global_step"])
+        print(f"[train d={d}] resuming from {ckpt_path} (step {resumed_step})")
+
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # parameter initialisation
     module = TGMMModule(cfg.to_dict(), d)
     # The curve of a resumed run continues in a file of its own, so nothing already logged is lost.
-    loggers: list = [CSVLogger(str(out_dir), name="log", version="" if ckpt_path is None else "resumed")]
+    version = "" if resumed_step is None else f"resumed-step{resumed_step}"
+    loggers: list = [CSVLogger(str(out_dir), name="log", version=version)]
     name = run_name or f"{cfg.study}-train-d{d}"
     wandb_logger = None
     if track and not fast_dev_run:
-        wandb_logger = tracking.make_logger(cfg, name, "train", cfg.out_dir, group=wandb_group, d=d)
+        wandb_logger = tracking.make_logger(cfg, name, "train", cfg.out_dir, group=wandb_group, run_id=wandb_id, d=d)
         if wandb_logger is not None:
             loggers.append(wandb_logger)
     exit_code = 1
-    resumed_step = None
     try:  # from here on the W&B run is always finished, whatever fails
         trainer = build_trainer(cfg, out_dir, list(callbacks or []), loggers, progress_bar=progress_bar,
                                 fast_dev_run=fast_dev_run)
-        if ckpt_path is not None:
-            resumed_step = int(torch.load(ckpt_path, map_location="cpu", weights_only=True)["global_step"])
-            print(f"[train d={d}] resuming from {ckpt_path} (step {resumed_step})")
         trainer.fit(module, train_dataloaders=DataLoader(_Ticks(), batch_size=None),
                     val_dataloaders=_one_batch(), ckpt_path=str(ckpt_path) if ckpt_path else None,
                     weights_only=True)
+        if "val/l2" not in trainer.callback_metrics:  # e.g. resumed from a finished checkpoint: fit was a no-op
+            trainer.validate(module, dataloaders=_one_batch(), verbose=False)
         exit_code = 0
     except NonFiniteLossError as e:
         raise NonFiniteLossError(f"train d={d}: {e} [{ckpt_dir / 'last.ckpt'}]") from None
+    except SIGTERMException:
+        # Lightning stops at a step boundary on SIGTERM (pre-emption); keep that step as the resume
+        # point and fail loudly instead of exiting 0 with a half-trained network.
+        step = int(trainer.global_step)
+        if trainer.world_size == 1 and step > 0:
+            trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+        raise TrainingInterrupted(f"train d={d}: interrupted by SIGTERM at step {step}; "
+                                  f"rerun the same command to resume from {ckpt_dir / 'last.ckpt'}") from None
     finally:
         if wandb_logger is not None:
             tracking.finish(exit_code)
