@@ -13,7 +13,7 @@ export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/tmp/site-cache
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test test-all paper bench validate clean
+.PHONY: install run test test-slow test-all paper bench validate clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,9 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install  # the Ray cluster / sweep-resume tests (a few minutes)
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 test-all: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

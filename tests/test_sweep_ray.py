@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.wandb_log import wandb_records
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,28 +133,15 @@ def _wandb_runs(wandb_dir: Path) -> list[dict]:
     out = []
     for run_dir in sorted(wandb_dir.glob("offline-run-*")):
         (log,) = run_dir.glob("run-*.wandb")
-        data, pos, block, buf, info = log.read_bytes(), 7, 32768, b"", {"dir": run_dir.name}
-        while pos + 7 <= len(data):
-            left = block - pos % block
-            if left < 7:
-                pos += left
-                continue
-            _crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
-            pos += 7
-            if n == 0 and kind == 0:
-                pos += left - 7
-                continue
-            buf += data[pos:pos + n]
-            pos += n
-            if kind in (1, 4):
-                rec = pb.Record()
-                rec.ParseFromString(buf)
-                buf = b""
-                which = rec.WhichOneof("record_type")
-                if which == "run":
-                    info.update(group=rec.run.run_group, name=rec.run.display_name)
-                elif which == "exit":
-                    info["exit"] = rec.exit.exit_code
+        info = {"dir": run_dir.name}
+        for raw in wandb_records(log):
+            rec = pb.Record()
+            rec.ParseFromString(raw)
+            which = rec.WhichOneof("record_type")
+            if which == "run":
+                info.update(group=rec.run.run_group, name=rec.run.display_name)
+            elif which == "exit":
+                info["exit"] = rec.exit.exit_code
         out.append(info)
     return out
 

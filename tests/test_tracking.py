@@ -6,12 +6,13 @@ import glob
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.wandb_log import wandb_records
 
 from pipeline.config import from_dict
 from pipeline.training import tracking
@@ -133,28 +134,6 @@ def test_online_failure_falls_back_to_offline_then_none(tiny_cfg, tmp_path, monk
 
 # ------------------------------------------------------------------------------ offline runs
 
-def _wandb_records(path: Path):
-    """Records of a .wandb transaction log (LevelDB log format: 7-byte header, 32 KiB blocks)."""
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, block, buf = 7, 32768, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:
-            pos += left
-            continue
-        _crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        pos += 7
-        if n == 0 and kind == 0:  # zero padding up to the end of a block
-            pos += left - 7
-            continue
-        buf += data[pos:pos + n]
-        pos += n
-        if kind in (1, 4):  # FULL or LAST fragment
-            yield buf
-            buf = b""
-
-
 def _offline_run_config(run_dir: Path) -> dict | None:
     """The run's config: files/config.yaml if W&B wrote one, else the config records of the .wandb log
     (None if the protobuf schema is unavailable)."""
@@ -170,7 +149,7 @@ def _offline_run_config(run_dir: Path) -> dict | None:
         return None
     out: dict = {}
     (log,) = run_dir.glob("run-*.wandb")
-    for raw in _wandb_records(log):
+    for raw in wandb_records(log):
         rec = pb.Record()
         rec.ParseFromString(raw)
         kind = rec.WhichOneof("record_type")
