@@ -8,6 +8,7 @@ evaluation set of K = max(task.ks).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
@@ -63,8 +64,7 @@ def run(cfg: Config, d: int = 8, steps: int = 20, baseline_tasks: int = 256, dev
           f"{tr['params'] / 1e6:.3f} M params")
     out = {"train": {k: v for k, v in tr.items() if k != "net"}, "solvers": {}}
     K = max(cfg.task.ks)
-    cfg_eval = Config(**{**cfg.__dict__, "eval": type(cfg.eval)(**{**cfg.eval.__dict__, "n_tasks": baseline_tasks})})
-    batch = make_eval_set(cfg_eval, d, K, device=dev)
+    batch = make_eval_set(replace(cfg, eval=replace(cfg.eval, n_tasks=baseline_tasks)), d, K, device=dev)
     from pipeline.models.tgmm import NetworkSolver
 
     solvers = [NetworkSolver(tr["net"].eval(), name="tgmm (untrained)")]

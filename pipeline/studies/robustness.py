@@ -34,10 +34,8 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config, ConfigError, deep_merge, from_dict
-from pipeline.tasks.gmm import GMMBatch, make_generator
+from pipeline.tasks.gmm import ROBUSTNESS_STREAM, GMMBatch, make_generator
 
-# The next free stream after TRAIN, VAL, EVAL, BASELINE (= 0..3) in pipeline.training.module.
-ROBUSTNESS_STREAM = 4
 DATA_DIR = Path("data") / "robustness"
 SIZE, SHIFT = "sample_size", "shift"
 METRICS = ("l2", "accuracy", "loglik")

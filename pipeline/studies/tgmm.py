@@ -14,8 +14,8 @@ import torch
 
 from pipeline.config import Config
 from pipeline.tasks.base import Solver
-from pipeline.tasks.gmm import GMMBatch, make_generator
-from pipeline.training.module import BASELINE_STREAM, EVAL_STREAM, sample_tasks
+from pipeline.tasks.gmm import BASELINE_STREAM, EVAL_STREAM, GMMBatch, make_generator
+from pipeline.training.module import sample_tasks
 
 DATA_DIR = Path("data") / "gmm"
 

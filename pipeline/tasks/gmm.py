@@ -23,6 +23,9 @@ from torch import Tensor
 
 LOG_2PI = math.log(2.0 * math.pi)
 
+# Independent random streams derived from the master seed: make_generator(seed, STREAM, ...).
+TRAIN_STREAM, VAL_STREAM, EVAL_STREAM, BASELINE_STREAM, ROBUSTNESS_STREAM = 0, 1, 2, 3, 4
+
 
 def make_generator(seed: int, *stream: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch generator on `device` seeded from (seed, *stream), e.g. (seed, global_step, rank).

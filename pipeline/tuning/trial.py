@@ -63,7 +63,7 @@ class TuneReporter(pl.Callback):
             return
         self._flush(trainer)
         d = Path(tempfile.mkdtemp(prefix=f".tune-ckpt-{step}-", dir=self.workdir))
-        trainer.save_checkpoint(str(d / CKPT_FILE), weights_only=False)
+        trainer.save_checkpoint(str(d / CKPT_FILE))  # full, resumable state; read back with weights_only=True
         (d / FINGERPRINT_FILE).write_text(self.fingerprint + "\n")
         self._pending = (step, d)
 
