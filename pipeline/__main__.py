@@ -5,7 +5,8 @@
   train      train the network for one d (--d) or every d in task.dims
   evaluate   network + classical solvers on the evaluation sets -> outputs/eval/results.json
   report     metrics JSON, dvc-plots CSVs, PNG figures, markdown tables -> outputs/report/
-  bench      throughput of the train step, sampling share, baseline timings
+  bench      throughput of the train step, sampling share, baseline timings, every backbone
+  ablation   backbone ablation at matched parameter count + anisotropic study (params|train|generate|evaluate|report)
   profile    print a profile as `dvc exp run -S` arguments (e.g. `profile paper`)
 
 Bad input exits with status 2 and one line naming the key or file, before any compute starts.
@@ -42,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--baseline-tasks", type=int, default=256, help="tasks per baseline timing (K = max task.ks)")
     b.add_argument("--device", default="auto")
     b.add_argument("--skip-baselines", action="store_true")
+    b.add_argument("--skip-backbones", action="store_true", help="leave out the table of ablation backbones")
     pr = sub.add_parser("profile", help="print a profile as dvc exp run -S arguments")
     pr.add_argument("name")
     for name, (module, help_text) in EXTENSIONS.items():
@@ -56,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 EXTENSIONS = {
     "sweep": ("pipeline.tuning.cli", "run a Ray Tune sweep from sweeps/<name>.yaml"),
     "robustness": ("pipeline.studies.robustness", "TGMM sample-size and distribution-shift studies"),
+    "ablation": ("pipeline.studies.ablation", "TGMM backbone ablation (matched parameter count) and anisotropic study"),
     "dashboard": ("pipeline.studies.dashboard", "define the W&B robustness and scaling dashboard"),
 }
 
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline import bench
 
             bench.run(cfg, d=args.d, steps=args.steps, baseline_tasks=args.baseline_tasks, device=args.device,
-                      baselines=not args.skip_baselines)
+                      baselines=not args.skip_baselines, backbone_table=not args.skip_backbones)
     except FileNotFoundError as e:
         return _fail(str(e).strip("'\""), 2)
     except NonFiniteLossError as e:

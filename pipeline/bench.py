@@ -3,7 +3,8 @@
 Prints (1) training throughput of the real train step (sample tasks on the device, forward over
 every K, matched loss, backward, AdamW step) in tasks/s, with the share of the step spent
 sampling; (2) inference throughput of the network; (3) each baseline's wall time on one
-evaluation set of K = max(task.ks).
+evaluation set of K = max(task.ks); (4) the same train step and inference for every backbone of
+`ablation.variants`, each at its matched width (parameter count printed), at d = ablation.d.
 """
 from __future__ import annotations
 
@@ -51,8 +52,45 @@ def train_throughput(cfg: Config, d: int, steps: int, device: torch.device, warm
             "net": module.net}
 
 
+def infer_throughput(net, batch, repeats: int = 3) -> float:
+    """Tasks per second of the network's forward pass (no grad) on one evaluation set."""
+    from pipeline.models.tgmm import NetworkSolver
+
+    solver = NetworkSolver(net.eval())
+    solver(batch.slice(0, min(8, batch.B)))  # warm-up
+    dev = batch.x.device
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        solver(batch)
+    _sync(dev)
+    return repeats * batch.B / (time.perf_counter() - t0)
+
+
+def backbones(cfg: Config, steps: int, device: torch.device, infer_tasks: int = 256) -> dict:
+    """Train-step and inference throughput of every ablation variant at its matched width."""
+    from pipeline.studies.ablation import describe_variants, variant_config
+
+    d = cfg.ablation.d
+    info = describe_variants(cfg)
+    K = max(cfg.task.ks)
+    batch = make_eval_set(replace(cfg, eval=replace(cfg.eval, n_tasks=infer_tasks)), d, K, device=device)
+    print(f"backbones at matched parameter count (d={d}, train: batch {cfg.train.batch_per_k}/K x "
+          f"{len(cfg.task.ks)} K; inference: {infer_tasks} tasks, K={K}, N={cfg.eval.n}):")
+    print(f"  {'variant':<18} {'model':<34} {'params':>9} {'step ms':>8} {'train tasks/s':>13} {'infer tasks/s':>13}")
+    out = {}
+    for name, v in info.items():
+        tr = train_throughput(variant_config(cfg, name), d, steps, device)
+        inf = infer_throughput(tr["net"], batch)
+        print(f"  {name:<18} {v['label']:<34} {tr['params']:>9,} {tr['step_ms']:>8.1f} {tr['tasks_per_s']:>13.0f} "
+              f"{inf:>13.0f}")
+        out[name] = {"params": tr["params"], "step_ms": tr["step_ms"], "train_tasks_per_s": tr["tasks_per_s"],
+                     "infer_tasks_per_s": inf}
+    return out
+
+
 def run(cfg: Config, d: int = 8, steps: int = 20, baseline_tasks: int = 256, device: str = "auto",
-        baselines: bool = True) -> dict:
+        baselines: bool = True, backbone_table: bool = True) -> dict:
     dev = resolve_device(device)
     m, t = cfg.model, cfg.train
     print(f"device {dev} | torch {torch.__version__} | threads {torch.get_num_threads()} | precision {t.precision}")
@@ -81,4 +119,6 @@ def run(cfg: Config, d: int = 8, steps: int = 20, baseline_tasks: int = 256, dev
         note = "" if est.applicable else f" (not applicable: {est.reason})"
         print(f"  {s.name:<18} {dt * 1e3:9.1f} ms  ({1e3 * dt / batch.B:.3f} ms/task){note}")
         out["solvers"][s.name] = dt
+    if backbone_table:
+        out["backbones"] = backbones(cfg, steps, dev)
     return out

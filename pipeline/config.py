@@ -7,7 +7,9 @@ overlays the paper-scale setting.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
 import hashlib
 import json
 import math
@@ -20,6 +22,8 @@ from typing import Any
 import yaml
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
+BACKBONES = ("transformer", "mamba2", "lstm")
+ATTENTIONS = ("softmax", "relu", "linear")
 
 
 class ConfigError(ValueError):
@@ -28,7 +32,10 @@ class ConfigError(ValueError):
 
 def _f(default, help: str = "", **checks):
     """A dataclass field with a one-line help and validation rules (min, max, choices, ...)."""
-    kw = {"default_factory": (lambda d=default: list(d))} if isinstance(default, list) else {"default": default}
+    if isinstance(default, (list, dict)):
+        kw = {"default_factory": (lambda d=default: copy.deepcopy(d))}
+    else:
+        kw = {"default": default}
     return field(**kw, metadata={"help": help, **checks})
 
 
@@ -48,9 +55,12 @@ class TaskConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = _f("transformer", "sequence backbone", choices=("transformer",))
-    position: str = _f("set", "set: no positions, full attention (permutation-equivariant); "
+    backbone: str = _f("transformer", "sequence backbone (models/backbone.py): transformer | mamba2 | lstm",
+                       choices=BACKBONES)
+    position: str = _f("set", "transformer only. set: no positions, full attention (permutation-equivariant); "
                               "gpt2: causal with learned positions (anchor-faithful)", choices=("set", "gpt2"))
+    attention: str = _f("softmax", "transformer only. softmax (SDPA) | relu: ReLU(q.k/sqrt(hd)) / #keys | "
+                                   "linear: q.k/sqrt(hd) / #keys (no softmax)", choices=ATTENTIONS)
     n_layer: int = _f(4, "backbone depth", min=1)
     n_head: int = _f(4, "attention heads; must divide n_embd", min=1)
     n_embd: int = _f(64, "width", min=1)
@@ -58,6 +68,14 @@ class ModelConfig:
     dropout: float = _f(0.0, "dropout (paper: 0)", min=0, lt=1)
     k_embd: int = _f(16, "size of the learned embedding of K appended to each x_i at read-in", min=1)
     max_len: int = _f(1024, "longest sample the gpt2 position table covers", min=1)
+    d_state: int = _f(16, "mamba2: SSM state size per head (paper: 16)", min=1)
+    d_conv: int = _f(4, "mamba2: causal depthwise convolution width", min=1)
+    expand: int = _f(2, "mamba2: inner width = expand * n_embd", min=1)
+    headdim: int = _f(32, "mamba2: channels per SSM head; must divide expand * n_embd", min=1)
+    chunk_size: int = _f(64, "mamba2: chunk length of the state-space-duality scan (speed only, not the result)",
+                         min=1)
+    bidirectional: bool = _f(False, "mamba2 / lstm: add a second scan over each sample in reverse order "
+                                    "(default: causal, as in the paper)")
 
 
 @dataclass
@@ -110,6 +128,20 @@ class RobustnessConfig:
 
 
 @dataclass
+class AblationConfig:
+    d: int = _f(2, "dimension of the backbone ablation and the anisotropic study (if in task.dims, the main "
+                   "network is reused as the variant equal to `model`)", min=1)
+    variants: dict = _f({"transformer": {}, "relu_attention": {"attention": "relu"},
+                         "linear_attention": {"attention": "linear"}, "mamba2": {"backbone": "mamba2"},
+                         "lstm": {"backbone": "lstm"}},
+                        "name -> model overrides on top of `model`; {} is the main network itself. Switching "
+                        "backbone resets the keys only the other backbone reads; attention/position imply "
+                        "the transformer")
+    match_params: bool = _f(True, "choose each variant's n_embd so its parameter count is closest to the "
+                                  "main network's (depth and heads unchanged)")
+
+
+@dataclass
 class WandbConfig:
     mode: str = _f("auto", "auto: online if W&B credentials are configured, else offline; WANDB_MODE wins",
                    choices=("auto", "online", "offline", "disabled"))
@@ -129,6 +161,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def to_dict(self) -> dict:
@@ -211,7 +244,13 @@ def _build(cls, data: Any, where: str):
             kwargs[name] = _build(tp, value, path)
             continue
         origin = typing.get_origin(tp)
-        if origin is list:
+        if tp is dict:  # ablation.variants: name -> mapping (checked in validate())
+            if not isinstance(value, dict) or not all(isinstance(v, dict) or v is None for v in value.values()):
+                raise ConfigError(f"{path}: expected a mapping of name -> mapping of keys, got {value!r}")
+            if meta.get("nonempty", True) and not value:
+                raise ConfigError(f"{path}: must not be empty")
+            kwargs[name] = {str(k): dict(v or {}) for k, v in value.items()}
+        elif origin is list:
             (inner,) = typing.get_args(tp)
             if not isinstance(value, list):
                 raise ConfigError(f"{path}: expected a list of {_type_name(inner)}, got {value!r}")
@@ -247,9 +286,7 @@ def _build(cls, data: Any, where: str):
 def validate(cfg: Config) -> Config:
     """Cross-field checks that one key alone cannot express."""
     t, m, tr, ev = cfg.task, cfg.model, cfg.train, cfg.eval
-    if m.n_embd % m.n_head:
-        raise ConfigError(f"model.n_head: {m.n_head} does not divide model.n_embd={m.n_embd} "
-                          f"(choose a divisor of {m.n_embd})")
+    check_model(m, "model")
     if t.weight_low >= t.weight_high:
         raise ConfigError(f"task.weight_low: must be < task.weight_high={t.weight_high}, got {t.weight_low}")
     kmax = max(t.ks)
@@ -270,11 +307,56 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"task.max_cosine: K={kmax} vectors cannot all have pairwise cosine below "
                           f"{t.max_cosine} (must be > {-1 / (kmax - 1):.3g})")
     _check_sampleable(t)
+    a = cfg.ablation
+    if "anisotropic" in a.variants:
+        raise ConfigError("ablation.variants.anisotropic: the name is taken by the anisotropic study; rename it")
+    for name in a.variants:
+        variant_model(cfg, name)
     if isinstance(tr.devices, int) and tr.devices > 1 and tr.batch_per_k % tr.devices:
         raise ConfigError(f"train.batch_per_k: {tr.batch_per_k} must be divisible by train.devices={tr.devices}")
     if tr.strategy.startswith("ddp") and tr.devices == 1:
         raise ConfigError("train.strategy: ddp needs train.devices > 1 (or 'auto')")
     return cfg
+
+
+def check_model(m: ModelConfig, where: str) -> None:
+    """Cross checks of one model section (the main `model` or an ablation variant)."""
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"{where}.n_head: {m.n_head} does not divide {where}.n_embd={m.n_embd} "
+                          f"(choose a divisor of {m.n_embd})")
+    if m.backbone != "transformer":
+        if m.attention != "softmax":
+            raise ConfigError(f"{where}.attention: {m.attention!r} applies to backbone transformer only, "
+                              f"not {m.backbone!r} (leave it softmax)")
+        if m.position != "set":
+            raise ConfigError(f"{where}.position: {m.position!r} applies to backbone transformer only; {m.backbone} "
+                              "reads the sample in order already (leave it set; see model.bidirectional)")
+    elif m.bidirectional:
+        raise ConfigError(f"{where}.bidirectional: applies to mamba2 / lstm only; the transformer sees the whole "
+                          "sample with position set")
+    if m.backbone == "mamba2" and (m.expand * m.n_embd) % m.headdim:
+        raise ConfigError(f"{where}.headdim: {m.headdim} does not divide expand*n_embd={m.expand * m.n_embd} "
+                          "(mamba2 splits its inner width into heads of headdim channels)")
+
+
+def variant_model(cfg: Config, name: str) -> ModelConfig:
+    """The model of ablation variant `name`: `model` with the variant's overrides, validated."""
+    if name not in cfg.ablation.variants:
+        raise ConfigError(f"ablation.variants: no variant {name!r} (known: {', '.join(cfg.ablation.variants)})")
+    where = f"ablation.variants.{name}"
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise ConfigError(f"{where}: a variant name becomes a folder name; use letters, digits, '_', '-', '.'")
+    over = dict(cfg.ablation.variants[name])
+    base = dataclasses.asdict(cfg.model)
+    if "backbone" not in over and {"attention", "position"} & set(over):
+        over["backbone"] = "transformer"  # {attention: relu} means the transformer with ReLU attention
+    if over.get("backbone", base["backbone"]) != base["backbone"]:
+        # switching backbone: keys that only the other backbone reads go back to their defaults
+        only = ("position", "attention") if base["backbone"] == "transformer" else ("bidirectional",)
+        base.update({k: getattr(ModelConfig(), k) for k in only})
+    m = _build(ModelConfig, {**base, **over}, where)
+    check_model(m, where)
+    return m
 
 
 def _check_sampleable(t: TaskConfig) -> None:

@@ -30,6 +30,7 @@ def test_dvc_repro_tiny_project(tmp_path):
     params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), json.loads(json.dumps(TINY)))
     params["task"]["dims"] = [2, 3]
     params["wandb"]["mode"] = "offline"
+    params["ablation"]["variants"] = {"transformer": {}, "mamba2": {"backbone": "mamba2", "headdim": 8, "d_state": 8}}
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     bin_dir = str(Path(sys.executable).parent)
     env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ["PATH"], PYTHONPATH=str(proj),
@@ -43,7 +44,7 @@ def test_dvc_repro_tiny_project(tmp_path):
     _run(["git", "commit", "-qm", "init"], proj, env)
 
     # The sweep stages (Ray Tune) have tests of their own; here: the TGMM study and its robustness.
-    targets = ["report", "robustness_report"]
+    targets = ["report", "robustness_report", "ablation_report"]
     _run(dvc + ["repro", *targets], proj, env)
     out = proj / "outputs"
     assert sorted(p.name for p in (proj / "data" / "gmm").glob("*.npz")) == [
@@ -62,6 +63,12 @@ def test_dvc_repro_tiny_project(tmp_path):
     rob = json.loads((out / "robustness" / "report" / "metrics.json").read_text())
     assert rob and (out / "robustness" / "report" / "report.md").is_file()
     assert (out / "robustness" / "train" / "n0_8" / "model.safetensors").is_file()
+    # ablation: the transformer variant is the main d=2 network, mamba2 is trained at a matched width
+    abl = json.loads((out / "ablation" / "report" / "metrics.json").read_text())
+    assert set(abl["params"]) == {"transformer", "mamba2"} and abl["params"]["transformer"] == abl["reference_params"]
+    assert "spectral d=2 K=2" in abl["anisotropic"]["not_applicable"]
+    assert (out / "ablation" / "train" / "mamba2" / "model.safetensors").is_file()
+    assert (out / "ablation" / "train" / "anisotropic" / "model.safetensors").is_file()
     shown = _run(dvc + ["metrics", "show", "--json"], proj, env)
     assert "em_paper" in shown
 

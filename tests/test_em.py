@@ -240,3 +240,25 @@ def test_degenerate_tasks_stay_finite():
         est = solver(batch)
         assert torch.isfinite(est.means).all() and torch.isfinite(est.weights).all()
         assert est.scales is None or torch.isfinite(est.scales).all()
+
+
+def test_em_paper_diag_matches_sklearn_from_the_same_start():
+    """The anisotropic paper-protocol EM (uniform weights, means ~ N(0, I) from its seed, unit scales,
+    diagonal covariances) is sklearn's GaussianMixture(covariance_type='diag') from that start."""
+    B, K, d, n_iter = 3, 3, 2, 12
+    batch = sample_gmm(B, d, K, 80, 80, make_generator(21), anisotropic=True)
+    solver = EMPaper(max_iter=n_iter, tol=0.0, seed=4, covariance="diag")
+    est = solver(batch)
+    assert est.scales is not None and est.scales.shape == (B, K, d)
+    means0 = torch.randn(B, K, d, generator=make_generator(4), dtype=torch.float32).double()  # EMPaper's start
+    for b in range(B):
+        X = batch.x[b].double().numpy()
+        gm = GaussianMixture(K, covariance_type="diag", weights_init=np.full(K, 1 / K), means_init=means0[b].numpy(),
+                             precisions_init=np.ones((K, d)), max_iter=n_iter, tol=0.0, reg_covar=1e-6)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            gm.fit(X)
+        np.testing.assert_allclose(est.means[b].numpy(), gm.means_, atol=1e-4)
+        np.testing.assert_allclose(est.weights[b].numpy(), gm.weights_, atol=1e-5)
+        np.testing.assert_allclose(est.scales[b].double().numpy() ** 2, gm.covariances_, rtol=1e-4)
+        assert abs(gm.score(X) - float(est.extras["log_likelihood"][b])) < 1e-4

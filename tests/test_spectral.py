@@ -105,3 +105,10 @@ def test_degenerate_tasks_stay_finite():
     batch.x[0] = 0.0
     est = Spectral()(batch)
     assert torch.isfinite(est.means).all() and torch.isfinite(est.weights).all()
+
+
+def test_spectral_not_applicable_on_anisotropic_tasks():
+    b = sample_gmm(4, 5, 2, 50, 50, make_generator(0), anisotropic=True)
+    est = Spectral(anisotropic=True)(b)
+    assert not est.applicable and "spherical" in est.reason
+    assert Spectral()(b).applicable  # the same data, the solver not told: it runs (and is misspecified)

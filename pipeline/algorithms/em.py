@@ -221,13 +221,20 @@ def _to_estimate(res: EMResult, extras: dict) -> GMMEstimate:
 class EMPaper:
     """The TGMM paper's EM: uniform weights, means ~ N(0, I_d), identity covariance, one run.
 
+    On anisotropic tasks (covariance "diag" or "spherical") the same start with unit scales, and
+    the scales are fitted too.
+
     The start is drawn in float32 from make_generator(seed) on the batch's device, so it does not
     depend on `dtype` (but CPU and CUDA generators give different streams).
     """
 
     def __init__(self, max_iter: int = 100, tol: float = 1e-7, seed: int = 0, name: str = "em_paper", *,
-                 dtype: torch.dtype = torch.float64, return_iterates: bool = False):
+                 covariance: str = "identity", reg_covar: float = 1e-6, dtype: torch.dtype = torch.float64,
+                 return_iterates: bool = False):
+        if covariance not in COVARIANCES:
+            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
         self.max_iter, self.tol, self.seed, self.name = max_iter, tol, seed, name
+        self.covariance, self.reg_covar = covariance, reg_covar
         self.dtype, self.return_iterates = dtype, return_iterates
 
     def __call__(self, batch: GMMBatch) -> GMMEstimate:
@@ -237,8 +244,10 @@ class EMPaper:
         g = make_generator(self.seed, device=dev)
         means0 = torch.randn(B, K, d, generator=g, device=dev, dtype=torch.float32).to(dt)
         weights0 = torch.full((B, K), 1.0 / K, dtype=dt, device=dev)
-        res = em_fit(batch.x.to(dt), batch.mask, weights0, means0, covariance="identity", max_iter=self.max_iter,
-                     tol=self.tol, return_iterates=self.return_iterates)
+        scales0 = None if self.covariance == "identity" else torch.ones(B, K, d, dtype=dt, device=dev)
+        res = em_fit(batch.x.to(dt), batch.mask, weights0, means0, scales0, covariance=self.covariance,
+                     max_iter=self.max_iter, tol=self.tol, reg_covar=self.reg_covar,
+                     return_iterates=self.return_iterates)
         return _to_estimate(res, {"iterations": res.n_iter, "log_likelihood": res.log_likelihood.float()})
 
 

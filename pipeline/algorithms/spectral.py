@@ -80,14 +80,18 @@ class Spectral:
     Computes in `dtype` (float64 by default, on any device) and answers in float32."""
 
     def __init__(self, n_restarts: int = 10, n_iter: int = 100, seed: int = 0, name: str = "spectral", *,
-                 dtype: torch.dtype = torch.float64):
+                 anisotropic: bool = False, dtype: torch.dtype = torch.float64):
         self.n_restarts, self.n_iter, self.seed, self.name, self.dtype = n_restarts, n_iter, seed, name, dtype
+        self.anisotropic = anisotropic  # tasks with per-component scales: outside the method's model
 
     def __call__(self, batch: GMMBatch) -> GMMEstimate:
         B, K, d = batch.B, batch.K, batch.d
         dev = batch.x.device
         if K > d:
             return GMMEstimate.not_applicable(B, K, d, reason="spectral method needs K <= d", device=dev)
+        if self.anisotropic:
+            return GMMEstimate.not_applicable(B, K, d, device=dev, reason="spectral method assumes one shared "
+                                              "spherical covariance; these mixtures are anisotropic")
         dt = self.dtype
         mask = batch.mask
         x = torch.where(mask[..., None], batch.x.to(dt), torch.zeros((), dtype=dt, device=dev))  # (B, N, d)

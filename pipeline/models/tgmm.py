@@ -1,5 +1,8 @@
 """TGMM network: read-in [x_i ; embed(K)] -> shared backbone -> one attentive-pooling read-out per K.
 
+The backbone comes from the registry (models/backbone.py), so the read-in and read-out here are the
+same whichever sequence model sits in the middle.
+
 Also the permutation-matched loss and the adaptor that makes a trained network a Solver.
 """
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import ModelConfig
-from pipeline.models.transformer import Transformer
+from pipeline.models.backbone import build_backbone
 from pipeline.tasks.gmm import GMMBatch, GMMEstimate
 
 
@@ -51,8 +54,7 @@ class TGMMNet(nn.Module):
         self.d, self.ks, self.cfg, self.predict_scales = d, list(ks), cfg, scales
         self.k_embed = nn.Embedding(max(ks) + 1, cfg.k_embd)
         self.read_in = nn.Linear(d + cfg.k_embd, cfg.n_embd)
-        self.backbone = Transformer(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.mlp_ratio, cfg.dropout,
-                                    cfg.position, cfg.max_len)
+        self.backbone = build_backbone(cfg)  # transformer | mamba2 | lstm, all (h, mask) -> (states, hidden)
         self.heads = nn.ModuleDict({str(K): PoolingHead(K, cfg.n_embd, cfg.n_head, d, scales) for K in ks})
 
     def encode(self, x: Tensor, mask: Tensor, k: Tensor, return_hidden: bool = False):
@@ -81,6 +83,13 @@ class TGMMNet(nn.Module):
             out[K] = self.heads[str(K)](h[start:stop], mask[start:stop])
             start = stop
         return out
+
+
+def count_parameters(d: int, ks: list[int], cfg: ModelConfig, scales: bool = False) -> int:
+    """Trainable parameters of TGMMNet(d, ks, cfg): built on the meta device, so nothing is allocated."""
+    with torch.device("meta"):
+        net = TGMMNet(d, ks, cfg, scales)
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
 @lru_cache(maxsize=None)

@@ -52,7 +52,12 @@ def method_order(methods) -> list[str]:
 def _grid(results: dict):
     """(methods, ds, Ks, {(method, d, K): cell})."""
     index = {(c["method"], int(c["d"]), int(c["K"])): c for c in _cells(results)}
-    methods = method_order({m for m, _, _ in index})
+    present = {m for m, _, _ in index}
+    if results.get("method_order"):  # a study that names its own order (e.g. the backbone ablation)
+        methods = [m for m in results["method_order"] if m in present]
+        methods += sorted(present - set(methods))
+    else:
+        methods = method_order(present)
     ds = sorted({d for _, d, _ in index})
     Ks = sorted({K for _, _, K in index})
     return methods, ds, Ks, index

@@ -26,7 +26,6 @@ import argparse
 import csv
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -53,7 +52,9 @@ def model_dir(cfg: Config, n0: int) -> Path:
 
 
 def main_model_path(cfg: Config) -> Path:
-    return Path(cfg.out_dir) / "train" / f"d{cfg.robustness.d}" / "model.safetensors"
+    from pipeline.studies.tgmm import main_model_path as path
+
+    return path(cfg, cfg.robustness.d)
 
 
 def reuses_main_model(cfg: Config, n0: int) -> bool:
@@ -203,42 +204,21 @@ def load_sets(cfg: Config, data_dir: Path = DATA_DIR) -> tuple[dict, dict]:
 
 # ----------------------------------------------------------------------------- training
 
-def _annotate(path: Path, **extra) -> None:
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    path.write_text(json.dumps({**data, **extra}, indent=2, sort_keys=True) + "\n")
-
-
 def reuse_main_model(cfg: Config, n0: int) -> Path:
     """Copy the main study's network (trained at N0 = task.n0) into the robustness layout, unchanged."""
-    from pipeline.training.train import training_fingerprint
+    from pipeline.studies.tgmm import annotate, copy_main_network
 
-    src = main_model_path(cfg)
-    spec = src.with_suffix(".json")
-    for p in (src, spec):
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: the main model is reused for N0={n0} = task.n0 but does not exist "
-                                    f"(run `python -m pipeline train --d {cfg.robustness.d}` first, "
-                                    "or pass --no-reuse)")
-    want = training_fingerprint(cfg, cfg.robustness.d)
-    have = json.loads(spec.read_text()).get("fingerprint")
-    if have is not None and have != want:
-        raise ConfigError(f"{src}: was trained with other params (fingerprint {have}, these params give {want}); "
-                         f"retrain it with `python -m pipeline train --d {cfg.robustness.d}`, or pass --no-reuse")
     out = model_dir(cfg, n0)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, out / "model.safetensors")
-    shutil.copyfile(spec, out / "model.json")
-    _annotate(out / "model.json", task_n0=n0, reused_from=str(src))
-    metrics = src.parent / "metrics.json"
-    if metrics.is_file():
-        shutil.copyfile(metrics, out / "metrics.json")
-    _annotate(out / "metrics.json", n0=n0, reused_main_model=1)
-    return out / "model.safetensors"
+    path = copy_main_network(cfg, cfg.robustness.d, out, why=f"the main model is reused for N0={n0} = task.n0")
+    annotate(out / "model.json", task_n0=n0)
+    annotate(out / "metrics.json", n0=n0, reused_main_model=1)
+    return path
 
 
 def train_n0(cfg: Config, n0: int, *, track: bool = True, resume: bool = True, reuse: bool = True,
              progress_bar: bool = True) -> tuple[Path, bool]:
     """The network for training sample size N0: (model path, whether the main model was reused)."""
+    from pipeline.studies.tgmm import annotate
     from pipeline.training.train import _is_rank_zero, train
 
     check(cfg)
@@ -249,8 +229,8 @@ def train_n0(cfg: Config, n0: int, *, track: bool = True, resume: bool = True, r
                 progress_bar=progress_bar, run_name=f"{cfg.study}-robustness-train-n0_{n0}",
                 wandb_group="robustness")
     if _is_rank_zero() and res.model_path.is_file():
-        _annotate(out / "model.json", task_n0=n0)
-        _annotate(out / "metrics.json", n0=n0, reused_main_model=0)
+        annotate(out / "model.json", task_n0=n0)
+        annotate(out / "metrics.json", n0=n0, reused_main_model=0)
     return res.model_path, False
 
 

@@ -69,20 +69,60 @@ def baseline_solvers(cfg: Config, d: int) -> list[Solver]:
 
     b = cfg.baselines
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=make_generator(cfg.seed, BASELINE_STREAM, d)))
-    cov = "diag" if cfg.task.anisotropic else "identity"
+    aniso = cfg.task.anisotropic
+    cov = "diag" if aniso else "identity"  # anisotropic tasks: EM fits diagonal covariances
     table = {
-        "em_paper": lambda: EMPaper(max_iter=b.em_max_iter, tol=b.em_tol, seed=seed),
+        "em_paper": lambda: EMPaper(max_iter=b.em_max_iter, tol=b.em_tol, seed=seed, covariance=cov),
         "em_strong": lambda: EMStrong(restarts=b.strong_restarts, max_iter=b.em_max_iter, tol=b.em_tol,
                                       covariance=cov, seed=seed),
-        "spectral": lambda: Spectral(n_restarts=b.spectral_restarts, n_iter=b.spectral_iters, seed=seed),
+        "spectral": lambda: Spectral(n_restarts=b.spectral_restarts, n_iter=b.spectral_iters, seed=seed,
+                                     anisotropic=aniso),
     }
     return [table[m]() for m in b.methods]
+
+
+def main_model_path(cfg: Config, d: int) -> Path:
+    return Path(cfg.out_dir) / "train" / f"d{d}" / "model.safetensors"
+
+
+def annotate(path: Path, **extra) -> None:
+    """Add keys to a JSON file (created if missing)."""
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**data, **extra}, indent=2, sort_keys=True) + "\n")
+
+
+def copy_main_network(cfg: Config, d: int, out_dir: Path, why: str) -> Path:
+    """Copy the main study's network for d (model, spec, metrics) into out_dir, unchanged, after checking
+    it was trained with these params: other studies reuse it instead of training the same network twice."""
+    import shutil
+
+    from pipeline.config import ConfigError
+    from pipeline.training.train import training_fingerprint
+
+    src = main_model_path(cfg, d)
+    spec = src.with_suffix(".json")
+    for p in (src, spec):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: {why} but does not exist (run `python -m pipeline train --d {d}` first, "
+                                    "or pass --no-reuse)")
+    want = training_fingerprint(cfg, d)
+    have = json.loads(spec.read_text()).get("fingerprint")
+    if have is not None and have != want:
+        raise ConfigError(f"{src}: was trained with other params (fingerprint {have}, these params give {want}); "
+                          f"retrain it with `python -m pipeline train --d {d}`, or pass --no-reuse")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, out_dir / "model.safetensors")
+    shutil.copyfile(spec, out_dir / "model.json")
+    annotate(out_dir / "model.json", reused_from=str(src))
+    if (src.parent / "metrics.json").is_file():
+        shutil.copyfile(src.parent / "metrics.json", out_dir / "metrics.json")
+    return out_dir / "model.safetensors"
 
 
 def network_solver(cfg: Config, d: int, device) -> Solver:
     from pipeline.models.tgmm import NetworkSolver, load_network
 
-    path = Path(cfg.out_dir) / "train" / f"d{d}" / "model.safetensors"
+    path = main_model_path(cfg, d)
     return NetworkSolver(load_network(path, device=device), name="tgmm")
 
 
