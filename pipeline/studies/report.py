@@ -19,6 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+OFF_SCALE = 1e3  # on log axes, a mean this many times the panel's median is left out of the figure (noted)
+
 CANONICAL_METHODS = ("tgmm", "em_paper", "em_strong", "spectral")
 METRICS = ("l2", "accuracy", "loglik")
 
@@ -147,7 +149,10 @@ def _figure(results: dict, metric: str, path: Path) -> Path:
     colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     ncols = min(len(ds), 4)
     nrows = math.ceil(len(ds) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows + 0.5), squeeze=False)
+    legend_cols = min(len(methods), 4)
+    legend_h = 0.3 * math.ceil(len(methods) / legend_cols) + 0.2  # inches below the panels
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(4.2 * ncols, 7.0), 3.4 * nrows + legend_h + 0.4),
+                             squeeze=False)
     width = 0.06 * (len(methods) - 1)  # dodge methods along x so the error bars do not overlap
     for ax, d in zip(axes.flat, ds):
         notes, series = [], []
@@ -158,6 +163,12 @@ def _figure(results: dict, metric: str, path: Path) -> Path:
             pts = [(K, *_stat(index.get((m, d, K)), metric)) for K in Ks]
             pts = [(K, mu, ci if math.isfinite(ci) else 0.0) for K, mu, ci in pts
                    if math.isfinite(mu) and (mu > 0 or not log_y)]  # log axis: zero/negative means absent
+            panel = [_stat(c, metric)[0] for (_, dd, _), c in index.items() if dd == d and c["applicable"]]
+            ref = float(np.median([v for v in panel if math.isfinite(v) and v > 0] or [1.0]))
+            off = [(K, mu) for K, mu, _ in pts if log_y and mu > OFF_SCALE * ref]
+            if off:  # one blown-up mean would squash every other line: left out, and said so
+                notes.append(f"{m}: off scale at " + ", ".join(f"K={K} (mean {_fmt(mu)})" for K, mu in off))
+                pts = [p for p in pts if (p[0], p[1]) not in off]
             if pts:
                 xs = [K - width / 2 + width * i / max(1, len(methods) - 1) for K, _, _ in pts]
                 series.append((m, xs, [mu for _, mu, _ in pts], [ci for _, _, ci in pts]))
@@ -183,9 +194,9 @@ def _figure(results: dict, metric: str, path: Path) -> Path:
     for ax in list(axes.flat)[len(ds):]:
         ax.set_visible(False)
     handles = [Line2D([], [], color=colors[m], marker="o", lw=1.5, label=m) for m in methods]
-    fig.legend(handles=handles, loc="lower center", ncol=len(methods), frameon=False)
-    fig.suptitle(f"{title} vs K — mean ± 95 % CI, {_n_tasks_note(results)}")
-    fig.tight_layout(rect=(0, 0.45 / (3.4 * nrows + 0.5), 1, 1))  # room for the legend
+    fig.legend(handles=handles, loc="lower center", ncol=legend_cols, frameon=False)
+    fig.suptitle(f"{title} vs K — mean ± 95 % CI, {_n_tasks_note(results)}", fontsize=10)
+    fig.tight_layout(rect=(0, legend_h / fig.get_figheight(), 1, 1))  # room for the legend
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

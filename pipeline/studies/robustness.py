@@ -38,7 +38,6 @@ from pipeline.tasks.gmm import ROBUSTNESS_STREAM, GMMBatch, make_generator
 DATA_DIR = Path("data") / "robustness"
 SIZE, SHIFT = "sample_size", "shift"
 METRICS = ("l2", "accuracy", "loglik")
-OFF_SCALE = 1e3  # figures leave out a series whose median mean is this many times the panel's (noted)
 
 
 # ----------------------------------------------------------------------------- paths and params
@@ -562,7 +561,7 @@ def _panels(results: dict, cells: list[dict], key: str, path: Path, *, xlabel: s
 
     import numpy as np
 
-    from pipeline.studies.report import _fmt, _stat
+    from pipeline.studies.report import OFF_SCALE, _fmt, _stat
 
     ks = results["ks"]
     idx, series = _index(cells, key), _series_order(cells)
