@@ -47,9 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="print a profile as dvc exp run -S arguments")
     pr.add_argument("name")
     for name, (module, help_text) in EXTENSIONS.items():
-        mod = _extension(module)
-        if mod is not None:
-            mod.add_arguments(sub.add_parser(name, help=help_text))
+        _extension(module).add_arguments(sub.add_parser(name, help=help_text))
     return p
 
 
@@ -66,12 +64,7 @@ EXTENSIONS = {
 def _extension(module: str):
     import importlib
 
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and (module == e.name or module.startswith(e.name + ".")):  # not written yet
-            return None
-        raise
+    return importlib.import_module(module)
 
 
 def _fail(msg: str, code: int) -> int:

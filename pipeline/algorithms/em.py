@@ -29,6 +29,11 @@ from pipeline.tasks.gmm import LOG_2PI, GMMBatch, GMMEstimate, make_generator
 COVARIANCES = ("identity", "spherical", "diag")
 
 
+def _check_covariance(covariance: str) -> None:
+    if covariance not in COVARIANCES:
+        raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+
+
 class EMResult(NamedTuple):
     weights: Tensor  # (B, K)
     means: Tensor  # (B, K, d)
@@ -103,8 +108,7 @@ def em_fit(x: Tensor, mask: Tensor, weights0: Tensor, means0: Tensor, scales0: T
     (frozen tasks repeat their last values); its length is the number of loop iterations run.
     Empty components (responsibility ~ 0) keep their mean and variance; their weight goes to ~0.
     """
-    if covariance not in COVARIANCES:
-        raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+    _check_covariance(covariance)
     B, N, d = x.shape
     dt, dev = x.dtype, x.device
     x = _masked(x, mask)
@@ -231,8 +235,7 @@ class EMPaper:
     def __init__(self, max_iter: int = 100, tol: float = 1e-7, seed: int = 0, name: str = "em_paper", *,
                  covariance: str = "identity", reg_covar: float = 1e-6, dtype: torch.dtype = torch.float64,
                  return_iterates: bool = False):
-        if covariance not in COVARIANCES:
-            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+        _check_covariance(covariance)
         self.max_iter, self.tol, self.seed, self.name = max_iter, tol, seed, name
         self.covariance, self.reg_covar = covariance, reg_covar
         self.dtype, self.return_iterates = dtype, return_iterates
@@ -265,8 +268,7 @@ class EMStrong:
     def __init__(self, restarts: int = 5, max_iter: int = 100, tol: float = 1e-7, covariance: str = "identity",
                  seed: int = 0, name: str = "em_strong", *, reg_covar: float = 1e-6,
                  dtype: torch.dtype = torch.float64, return_iterates: bool = False):
-        if covariance not in COVARIANCES:
-            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+        _check_covariance(covariance)
         if restarts < 1:
             raise ValueError("restarts must be >= 1")
         self.restarts, self.max_iter, self.tol, self.covariance = restarts, max_iter, tol, covariance

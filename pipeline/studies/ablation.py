@@ -93,12 +93,18 @@ def anisotropic_config(cfg: Config) -> Config:
     return _single_run(replace(cfg, task=replace(cfg.task, anisotropic=True)))
 
 
-def reuses_main_model(cfg: Config, name: str) -> bool:
+def run_config(cfg: Config, name: str) -> Config:
+    """The config that trains `name`: a variant at its matched width, or the anisotropic network."""
+    return anisotropic_config(cfg) if name == ANISO else variant_config(cfg, name)
+
+
+def reuses_main_model(cfg: Config, name: str, model: ModelConfig | None = None) -> bool:
+    """Whether `name` is the main study's network (`model`: the variant's matched model, if known)."""
     if cfg.ablation.d not in cfg.task.dims:
         return False
     if name == ANISO:
         return cfg.task.anisotropic
-    return matched_model(cfg, name) == cfg.model
+    return (model or matched_model(cfg, name)) == cfg.model
 
 
 def describe_variants(cfg: Config) -> dict[str, dict]:
@@ -109,7 +115,7 @@ def describe_variants(cfg: Config) -> dict[str, dict]:
     for name in cfg.ablation.variants:
         m = matched_model(cfg, name)
         out[name] = {"backbone": m.backbone, "label": describe(m), "n_embd": m.n_embd, "params": n_params(cfg, m),
-                     "reuses_main_model": reuses_main_model(cfg, name)}
+                     "reuses_main_model": reuses_main_model(cfg, name, m)}
     return out
 
 
@@ -122,10 +128,10 @@ def train_one(cfg: Config, name: str, *, track: bool = True, resume: bool = True
     from pipeline.training.train import _is_rank_zero, train
 
     d, out = cfg.ablation.d, model_dir(cfg, name)
-    run_cfg = anisotropic_config(cfg) if name == ANISO else variant_config(cfg, name)
+    run_cfg = run_config(cfg, name)
     info = {"variant": name, "n_embd": run_cfg.model.n_embd,
             "params": n_params(cfg, run_cfg.model, run_cfg.task.anisotropic)}
-    if reuse and reuses_main_model(cfg, name):
+    if reuse and reuses_main_model(cfg, name, run_cfg.model):
         path = copy_main_network(cfg, d, out, why=f"the main model is reused as ablation variant {name!r}")
         annotate(out / "metrics.json", **info, reused_main_model=1)
         return path, True
@@ -182,16 +188,11 @@ def load_sets(cfg: Config, data_dir: Path = DATA_DIR) -> tuple[dict, dict]:
 def _load_checked(cfg: Config, name: str, device):
     """The trained network of `name`, after checking it belongs to these params (before any compute)."""
     from pipeline.models.tgmm import load_network
-    from pipeline.training.train import training_fingerprint
+    from pipeline.studies.tgmm import check_trained_network
 
-    path = model_dir(cfg, name) / "model.safetensors"
     hint = "--anisotropic" if name == ANISO else f"--variant {name}"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: network not found (run `python -m pipeline ablation train {hint}`)")
-    run_cfg = anisotropic_config(cfg) if name == ANISO else variant_config(cfg, name)
-    have = json.loads(path.with_suffix(".json").read_text()).get("fingerprint")
-    if have != training_fingerprint(run_cfg, cfg.ablation.d):
-        raise ConfigError(f"{path}: was trained with other params; rerun `python -m pipeline ablation train {hint}`")
+    path = check_trained_network(model_dir(cfg, name) / "model.safetensors", run_config(cfg, name), cfg.ablation.d,
+                                 f"run `python -m pipeline ablation train {hint}`")
     return lambda: load_network(path, device=device)
 
 
@@ -250,7 +251,7 @@ def log_wandb(cfg: Config, results: dict) -> None:
 
 def backbone_table(results: dict, metric: str = "l2") -> str:
     """Rows: variants (with width and parameter count), then baselines; columns: K; cells mean ± 95 % CI."""
-    from pipeline.studies.report import METRIC_INFO, _fmt, _grid, _stat
+    from pipeline.studies.report import METRIC_INFO, _fmt_ci, _grid, _row, _stat
 
     part = results[BACKBONES]
     methods, ds, Ks, index = _grid(part)
@@ -263,16 +264,7 @@ def backbone_table(results: dict, metric: str = "l2") -> str:
              "| method | model | params | " + " | ".join(f"K={K}" for K in Ks) + " |",
              "|---|---|---:|" + "---:|" * len(Ks)]
     for m in methods:
-        cells = []
-        for K in Ks:
-            cell = index.get((m, d, K))
-            if cell is None:
-                cells.append("")
-            elif not cell["applicable"]:
-                cells.append("n/a")
-            else:
-                mu, ci = _stat(cell, metric)
-                cells.append(_fmt(mu) if ci != ci else f"{_fmt(mu)} ± {_fmt(ci)}")
+        cells = _row(index, m, d, Ks, lambda cell, _K: _fmt_ci(*_stat(cell, metric)))
         v = variants.get(m)
         model, params = (v["label"], f"{v['params']:,}") if v else ("classical baseline", "—")
         lines.append(f"| {m} | {model} | {params} | " + " | ".join(cells) + " |")
@@ -327,10 +319,8 @@ def write_report(results: dict, out_dir: Path) -> list[Path]:
 def report(cfg: Config) -> list[Path]:
     from pipeline.studies.evaluate import load_results
 
-    path = study_dir(cfg) / "eval" / "results.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: ablation results not found (run `python -m pipeline ablation evaluate`)")
-    return write_report(load_results(path), study_dir(cfg) / "report")
+    results = load_results(study_dir(cfg) / "eval" / "results.json", "python -m pipeline ablation evaluate")
+    return write_report(results, study_dir(cfg) / "report")
 
 
 # ----------------------------------------------------------------------------- CLI

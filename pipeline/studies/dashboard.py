@@ -22,17 +22,14 @@ import argparse
 import sys
 
 from pipeline.config import Config
+from pipeline.studies.robustness import GROUP as ROBUSTNESS_GROUP
+from pipeline.tuning.spec import sweep_group
 
 TITLE = "TGMM: robustness and scaling"
-ROBUSTNESS_GROUP = "robustness"
 # sweep name -> the parameter it varies (a dotted key of params.yaml, as the runs' config holds it)
 SCALING_SWEEPS = {"depth": "model.n_layer", "width": "model.n_embd", "heads": "model.n_head",
                   "sample_size": "task.n0"}
 SWEEP_METRIC = "val/l2"
-
-
-def sweep_group(name: str) -> str:
-    return f"sweep-{name}"
 
 
 def _flat_config_key(param: str) -> str:

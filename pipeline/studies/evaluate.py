@@ -166,8 +166,12 @@ def write_results(path: str | Path, results: dict) -> Path:
     return path
 
 
-def load_results(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
+def load_results(path: str | Path, produced_by: str = "") -> dict:
+    """A results.json; missing, a one-line FileNotFoundError naming the command that writes it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: results not found" + (f" (run `{produced_by}`)" if produced_by else ""))
+    return json.loads(path.read_text())
 
 
 # ----------------------------------------------------------------------------- evaluation sets

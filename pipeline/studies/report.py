@@ -22,7 +22,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 OFF_SCALE = 1e3  # on log axes, a mean this many times the panel's median is left out of the figure (noted)
 
 CANONICAL_METHODS = ("tgmm", "em_paper", "em_strong", "spectral")
-METRICS = ("l2", "accuracy", "loglik")
+from pipeline.studies.evaluate import METRICS  # noqa: E402  (the metrics every cell carries)
 
 # title, what is better, y-axis label, log y-axis, one-line definition
 METRIC_INFO = {
@@ -156,6 +156,8 @@ def _figure(results: dict, metric: str, path: Path) -> Path:
     width = 0.06 * (len(methods) - 1)  # dodge methods along x so the error bars do not overlap
     for ax, d in zip(axes.flat, ds):
         notes, series = [], []
+        panel = [_stat(c, metric)[0] for (_, dd, _), c in index.items() if dd == d and c["applicable"]]
+        ref = float(np.median([v for v in panel if math.isfinite(v) and v > 0] or [1.0]))  # for off-scale means
         for i, m in enumerate(methods):
             na = [K for K in Ks if (m, d, K) in index and not index[(m, d, K)]["applicable"]]
             if na:
@@ -163,8 +165,6 @@ def _figure(results: dict, metric: str, path: Path) -> Path:
             pts = [(K, *_stat(index.get((m, d, K)), metric)) for K in Ks]
             pts = [(K, mu, ci if math.isfinite(ci) else 0.0) for K, mu, ci in pts
                    if math.isfinite(mu) and (mu > 0 or not log_y)]  # log axis: zero/negative means absent
-            panel = [_stat(c, metric)[0] for (_, dd, _), c in index.items() if dd == d and c["applicable"]]
-            ref = float(np.median([v for v in panel if math.isfinite(v) and v > 0] or [1.0]))
             off = [(K, mu) for K, mu, _ in pts if log_y and mu > OFF_SCALE * ref]
             if off:  # one blown-up mean would squash every other line: left out, and said so
                 notes.append(f"{m}: off scale at " + ", ".join(f"K={K} (mean {_fmt(mu)})" for K, mu in off))
@@ -220,6 +220,11 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
+def _fmt_ci(mu: float, ci: float) -> str:
+    """'mean ± ci', or the mean alone when the interval is undefined (one task)."""
+    return _fmt(mu) if not math.isfinite(ci) else f"{_fmt(mu)} ± {_fmt(ci)}"
+
+
 def _row(index: dict, m: str, d: int, Ks, text) -> list[str]:
     """Table cells of method m at dimension d: '' (not evaluated), 'n/a' or text(cell)."""
     row = []
@@ -243,7 +248,7 @@ def markdown_table(results: dict, metric: str = "l2") -> str:
         for d in ds:
             def text(cell, K, d=d, m=m):
                 mu, ci = _stat(cell, metric)
-                t = _fmt(mu) if not math.isfinite(ci) else f"{_fmt(mu)} ± {_fmt(ci)}"
+                t = _fmt_ci(mu, ci)
                 return f"**{t}**" if m in _best(index, methods, d, K, metric) else t
 
             for K in Ks:

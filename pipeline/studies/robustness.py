@@ -36,8 +36,8 @@ from pipeline.config import Config, ConfigError, deep_merge, from_dict
 from pipeline.tasks.gmm import ROBUSTNESS_STREAM, GMMBatch, make_generator
 
 DATA_DIR = Path("data") / "robustness"
+GROUP = "robustness"  # W&B group of every robustness run (the dashboard filters on it)
 SIZE, SHIFT = "sample_size", "shift"
-METRICS = ("l2", "accuracy", "loglik")
 
 
 # ----------------------------------------------------------------------------- paths and params
@@ -226,7 +226,7 @@ def train_n0(cfg: Config, n0: int, *, track: bool = True, resume: bool = True, r
     out = model_dir(cfg, n0)
     res = train(config_for_n0(cfg, n0), cfg.robustness.d, out, track=track, resume=resume,
                 progress_bar=progress_bar, run_name=f"{cfg.study}-robustness-train-n0_{n0}",
-                wandb_group="robustness")
+                wandb_group=GROUP)
     if _is_rank_zero() and res.model_path.is_file():
         annotate(out / "model.json", task_n0=n0)
         annotate(out / "metrics.json", n0=n0, reused_main_model=0)
@@ -237,18 +237,11 @@ def train_n0(cfg: Config, n0: int, *, track: bool = True, resume: bool = True, r
 
 def _network_solvers(cfg: Config, device) -> dict[int, object]:
     from pipeline.models.tgmm import NetworkSolver, load_network
+    from pipeline.studies.tgmm import check_trained_network
 
-    paths = {n0: model_dir(cfg, n0) / "model.safetensors" for n0 in cfg.robustness.train_n0}
-    from pipeline.training.train import training_fingerprint
-
-    for n0, p in paths.items():  # fail before any compute
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: network for N0={n0} not found (run "
-                                    f"`python -m pipeline robustness train --n0 {n0}`)")
-        have = json.loads(p.with_suffix(".json").read_text()).get("fingerprint")
-        if have != training_fingerprint(config_for_n0(cfg, n0), cfg.robustness.d):
-            raise ConfigError(f"{p}: was trained with other params; rerun "
-                              f"`python -m pipeline robustness train --n0 {n0}`")
+    paths = {n0: check_trained_network(model_dir(cfg, n0) / "model.safetensors", config_for_n0(cfg, n0),
+                                       cfg.robustness.d, f"run `python -m pipeline robustness train --n0 {n0}`")
+             for n0 in cfg.robustness.train_n0}  # all checked before any compute
     return {n0: NetworkSolver(load_network(p, device=device), name=f"tgmm@n0={n0}") for n0, p in paths.items()}
 
 
@@ -307,6 +300,8 @@ def _series(c: dict) -> str:
 def metrics_flat(results: dict) -> dict[str, float]:
     """robustness/sample_size/<metric>/[n0=<N0>/]N=<N>/K=<K>/<method> and
     robustness/shift/<metric>/sigma_p=<s>/K=<K>/<method>; not-applicable cells left out."""
+    from pipeline.studies.evaluate import METRICS
+
     flat = {}
     for kind in (SIZE, SHIFT):
         for c in results[kind]["cells"]:
@@ -341,7 +336,7 @@ def log_wandb(cfg: Config, results: dict) -> None:
     from pipeline.training import tracking
 
     with tracking.tracked_run(cfg, f"{cfg.study}-robustness", "robustness", cfg.out_dir,
-                              group="robustness") as logger:
+                              group=GROUP) as logger:
         if logger is None:
             return
         run = logger.experiment
@@ -375,7 +370,7 @@ def _name(series: tuple[str, int | None]) -> str:
 
 def _table(cells: list[dict], key: str, header: str, fmt_x, metric: str, K: int, stat: str = "mean") -> list[str]:
     """Rows: series; columns: the values of `key`; cells mean ± ci95 (or the median), best in bold."""
-    from pipeline.studies.report import METRIC_INFO, _fmt, _num, _stat
+    from pipeline.studies.report import METRIC_INFO, _fmt_ci, _num, _stat
 
     idx, series = _index(cells, key), _series_order(cells)
     xs = sorted({c[key] for c in cells})
@@ -402,7 +397,7 @@ def _table(cells: list[dict], key: str, header: str, fmt_x, metric: str, K: int,
             elif not c["applicable"]:
                 row.append("n/a")
             else:
-                text = _fmt(mu) if not math.isfinite(ci) else f"{_fmt(mu)} ± {_fmt(ci)}"
+                text = _fmt_ci(mu, ci)
                 row.append(f"**{text}**" if best[x] is not None and mu == best[x] else text)
         lines.append(f"| {_name(s)} | " + " | ".join(row) + " |")
     return lines
@@ -453,7 +448,7 @@ def _fixed_cells(results: dict) -> list[dict]:
 
 
 def _fixed_table(results: dict) -> list[str]:
-    from pipeline.studies.report import _fmt, _stat
+    from pipeline.studies.report import _fmt_ci, _stat
 
     cells = {(c["K"], c["N"]): c for c in _fixed_cells(results)}
     ns = sorted({N for _, N in cells})
@@ -465,13 +460,14 @@ def _fixed_table(results: dict) -> list[str]:
             if not math.isfinite(mu):
                 row.append("")
             else:
-                row.append(_fmt(mu) if not math.isfinite(ci) else f"{_fmt(mu)} ± {_fmt(ci)}")
+                row.append(_fmt_ci(mu, ci))
         lines.append(f"| {K} | " + " | ".join(row) + " |")
     return lines
 
 
 def metrics_json(results: dict) -> dict:
     """DVC metrics: sample_size.<method>[.n0=<N0>].N=<N>.K=<K>.<metric>, shift.<method>.sigma_p=<s>.K=<K>.<metric>."""
+    from pipeline.studies.evaluate import METRICS
     from pipeline.studies.report import _stat
 
     out: dict = {SIZE: {}, SHIFT: {}, "fixed_n0": results["fixed_n0"]}
@@ -695,10 +691,8 @@ def write_report(results: dict, out_dir: Path) -> list[Path]:
 def report(cfg: Config) -> list[Path]:
     from pipeline.studies.evaluate import load_results
 
-    path = study_dir(cfg) / "eval" / "results.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: robustness results not found (run `python -m pipeline robustness evaluate`)")
-    return write_report(load_results(path), study_dir(cfg) / "report")
+    results = load_results(study_dir(cfg) / "eval" / "results.json", "python -m pipeline robustness evaluate")
+    return write_report(results, study_dir(cfg) / "report")
 
 
 # ----------------------------------------------------------------------------- CLI

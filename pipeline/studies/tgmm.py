@@ -91,25 +91,32 @@ def annotate(path: Path, **extra) -> None:
     path.write_text(json.dumps({**data, **extra}, indent=2, sort_keys=True) + "\n")
 
 
+def check_trained_network(path: Path, run_cfg: Config, d: int, rerun: str, *,
+                          allow_unfingerprinted: bool = False) -> Path:
+    """Fail (before any compute) unless the network at `path` and its .json exist and were trained with
+    run_cfg's params and code. `rerun` says what (re)creates it, e.g. "run `python -m pipeline train --d 2`"."""
+    from pipeline.config import ConfigError
+    from pipeline.training.train import training_fingerprint
+
+    spec = path.with_suffix(".json")
+    for p in (path, spec):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: trained network not found ({rerun})")
+    have, want = json.loads(spec.read_text()).get("fingerprint"), training_fingerprint(run_cfg, d)
+    if have != want and not (allow_unfingerprinted and have is None):
+        raise ConfigError(f"{path}: was trained with other params (fingerprint {have}, these params give {want}); "
+                          f"{rerun}")
+    return path
+
+
 def copy_main_network(cfg: Config, d: int, out_dir: Path, why: str) -> Path:
     """Copy the main study's network for d (model, spec, metrics) into out_dir, unchanged, after checking
     it was trained with these params: other studies reuse it instead of training the same network twice."""
     import shutil
 
-    from pipeline.config import ConfigError
-    from pipeline.training.train import training_fingerprint
-
-    src = main_model_path(cfg, d)
+    src = check_trained_network(main_model_path(cfg, d), cfg, d, f"{why}: run `python -m pipeline train --d {d}` "
+                                "first, or pass --no-reuse", allow_unfingerprinted=True)
     spec = src.with_suffix(".json")
-    for p in (src, spec):
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: {why} but does not exist (run `python -m pipeline train --d {d}` first, "
-                                    "or pass --no-reuse)")
-    want = training_fingerprint(cfg, d)
-    have = json.loads(spec.read_text()).get("fingerprint")
-    if have is not None and have != want:
-        raise ConfigError(f"{src}: was trained with other params (fingerprint {have}, these params give {want}); "
-                          f"retrain it with `python -m pipeline train --d {d}`, or pass --no-reuse")
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, out_dir / "model.safetensors")
     shutil.copyfile(spec, out_dir / "model.json")
@@ -164,11 +171,13 @@ def evaluate(cfg: Config, data_dir: Path = DATA_DIR, track: bool = True) -> dict
 
 def eval_metrics_flat(results: dict) -> dict[str, float]:
     """eval/<metric>/d=<d>/K=<K>/<method> for W&B; not-applicable cells are left out."""
+    from pipeline.studies.evaluate import METRICS
+
     flat = {}
     for c in results["cells"]:
         if not c["applicable"]:
             continue
-        for metric in ("l2", "accuracy", "loglik"):
+        for metric in METRICS:
             v = c[metric]["mean"]
             if v is not None and math.isfinite(v):
                 flat[f"eval/{metric}/d={c['d']}/K={c['K']}/{c['method']}"] = v
@@ -179,9 +188,7 @@ def eval_metrics_flat(results: dict) -> dict[str, float]:
 def report(cfg: Config) -> list[Path]:
     from pipeline.studies.report import write_report
 
-    path = Path(cfg.out_dir) / "eval" / "results.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: evaluation results not found (run `python -m pipeline evaluate`)")
     from pipeline.studies.evaluate import load_results
 
-    return write_report(load_results(path), Path(cfg.out_dir) / "report")
+    results = load_results(Path(cfg.out_dir) / "eval" / "results.json", "python -m pipeline evaluate")
+    return write_report(results, Path(cfg.out_dir) / "report")

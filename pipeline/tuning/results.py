@@ -228,7 +228,7 @@ def plot(rows: list[dict], spec: SweepSpec, sdir: Path) -> list[Path]:
                 ax.set_xlabel(p.key)
                 ax.grid(True, alpha=0.3)
                 if others and not aggregated:
-                    ax.set_title(", ".join(f"{q}={_fmt(json.loads(v))}" for q, v in zip(others, g)), fontsize=9)
+                    ax.set_title(panel, fontsize=9)
             axes[0][0].set_ylabel(f"final {family}")
             axes[0][-1].legend(fontsize=8)
             n_seeds = len({r["seed"] for r in done})

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.tuning.spec import SpecError, SweepSpec, check_resources, fingerprint
+from pipeline.tuning.spec import SpecError, SweepSpec, check_resources, fingerprint, sweep_group
 
 LOOPBACK = "127.0.0.1"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -62,11 +62,7 @@ def experiment_path(cfg: Config, spec: SweepSpec, storage: str | None) -> str:
     return f"{root}/{spec.name}" if "://" in root else str(Path(root) / spec.name)
 
 
-def _trial_dirname(trial) -> str:  # short paths: Ray's unix sockets and logs live under them
-    return trial.trial_id
-
-
-def _trial_name(trial) -> str:
+def _trial_id(trial) -> str:  # trial name and folder; short paths: Ray's unix sockets and logs live under them
     return trial.trial_id
 
 
@@ -169,7 +165,7 @@ def build_trainable(spec: SweepSpec, cfg: Config, sdir: Path):
     params["out_dir"] = str(Path(cfg.out_dir).expanduser().resolve())
     context = {"name": spec.name, "sweep_dir": str(sdir), "params": params, "base": dict(spec.base),
                "param_keys": spec.param_keys, "d": spec.d, "cpu": spec.resources["cpu"],
-               "metric": spec.metric, "wandb_group": f"sweep-{spec.name}"}
+               "metric": spec.metric, "wandb_group": sweep_group(spec.name)}
     trainable = tune.with_parameters(run_trial, context=context)
     return tune.with_resources(trainable, {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]})
 
@@ -217,8 +213,8 @@ def build_tuner(spec: SweepSpec, cfg: Config, *, storage: str | None, max_concur
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
                                     scheduler=build_scheduler(spec, cfg),
                                     max_concurrent_trials=max_concurrent or spec.max_concurrent,
-                                    reuse_actors=False, trial_name_creator=_trial_name,
-                                    trial_dirname_creator=_trial_dirname),
+                                    reuse_actors=False, trial_name_creator=_trial_id,
+                                    trial_dirname_creator=_trial_id),
         run_config=tune.RunConfig(name=spec.name, storage_path=storage_root(cfg, spec, storage),
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2),

@@ -112,6 +112,11 @@ def _err(path, key: str, msg: str) -> SpecError:
     return SpecError(f"{path}: {where}{msg}".replace("\n", " "))
 
 
+def sweep_group(name: str) -> str:
+    """The W&B group of sweep `name`'s runs (the dashboard filters on it)."""
+    return f"sweep-{name}"
+
+
 def unflatten(flat: dict[str, Any]) -> dict:
     out: dict = {}
     for key, value in flat.items():
@@ -121,11 +126,6 @@ def unflatten(flat: dict[str, Any]) -> dict:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return out
-
-
-def _leaf_keys(params: dict) -> dict[str, Any]:
-    """Every settable params.yaml key (dotted) -> its current value."""
-    return flatten(params)
 
 
 def _suggest(key: str, known) -> str:
@@ -147,16 +147,10 @@ def _as_flat_mapping(value, path, key) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise _err(path, key, f"expected a mapping of params.yaml keys, got {type(value).__name__}")
-    flat: dict[str, Any] = {}
-    for k, v in value.items():
-        if not isinstance(k, str):
-            raise _err(path, key, f"keys must be strings, got {k!r}")
-        if isinstance(v, dict):
-            for kk, vv in flatten(v, k).items():
-                flat[kk] = vv
-        else:
-            flat[k] = v
-    return flat
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise _err(path, key, f"keys must be strings, got {bad[0]!r}")
+    return flatten(value)
 
 
 def _check_key(path, where: str, key: str, known: dict[str, Any]) -> None:
@@ -363,7 +357,7 @@ def load_spec(path: str | Path, cfg: Config) -> SweepSpec:
         if k not in TOP_KEYS:
             raise _err(path, str(k), f"unknown key (allowed: {', '.join(TOP_KEYS)}){_suggest(str(k), TOP_KEYS)}")
     params_dict = cfg.to_dict()
-    known = _leaf_keys(params_dict)
+    known = flatten(params_dict)  # every settable params.yaml key (dotted) -> its current value
 
     name = data.get("name", path.stem)
     if not isinstance(name, str) or not _NAME.match(name):
