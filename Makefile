@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make run    create .venv, install torch then the package, run the whole pipeline (dvc repro)
+#   make plan   after adding a study / network to params.yaml: rewrite plans/ and dvc.yaml
 #   make test   same set-up, then the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -13,7 +14,7 @@ export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/tmp/site-cache
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test test-slow test-all paper bench validate clean
+.PHONY: install run plan test test-slow test-all paper bench validate clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +29,9 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(BIN)/dvc repro
 
+plan: install
+	$(BIN)/python -m pipeline plan
+
 test: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
@@ -37,7 +41,7 @@ test-slow: install  # the Ray cluster / sweep-resume tests (a few minutes)
 test-all: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The paper-scale setting (12 layers, width 128, d in {2, 8, 32, 128}, 1280 tasks per cell) as a DVC experiment.
+# The paper-scale setting (TGMM: 12 layers, width 128, d in {2, 8, 32, 128}; linreg: Garg's 12 x 256, d = 20) as a DVC experiment.
 paper: install
 	eval $(BIN)/dvc exp run -n paper $$($(BIN)/python -m pipeline profile paper)
 
@@ -48,4 +52,4 @@ validate: install
 	$(BIN)/python -m pipeline validate
 
 clean:
-	rm -rf outputs dvc_plots data/gmm
+	rm -rf outputs dvc_plots data/tgmm data/robustness data/ablation data/linreg

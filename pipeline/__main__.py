@@ -1,12 +1,14 @@
-"""One CLI for every stage:  python -m pipeline [--params F] [--profile P] [--set k=v ...] COMMAND
+"""One CLI for every stage:  python -m pipeline [--params F] [--profile P] [--set k=v ...] [--study S] COMMAND
 
-  validate   check params.yaml and exit
-  generate   write the fixed evaluation sets into data/
-  train      train the network for one d (--d) or every d in task.dims
-  evaluate   network + classical solvers on the evaluation sets -> outputs/eval/results.json
-  report     metrics JSON, dvc-plots CSVs, PNG figures, markdown tables -> outputs/report/
-  bench      throughput of the train step, sampling share, baseline timings, every backbone
-  ablation   backbone ablation at matched parameter count + anisotropic study (params|train|generate|evaluate|report)
+  validate   check params.yaml (every study's runs resolved) and exit
+  plan       resolve every study's networks -> plans/, and write dvc.yaml (--check-dvc: fail if it would change)
+  train      train networks: --run ID (repeatable), else every run of --study, else of every listed study
+  generate   write the fixed evaluation sets of --study (default: every listed study) into data/<study>/
+  evaluate   networks + classical solvers on those sets -> <out_dir>/<study>/results.json
+  report     tables, figures, dvc-plots CSVs, metrics JSON -> <out_dir>/<study>/report/
+  sweep      a Ray Tune sweep from sweeps/<name>.yaml (a sweep names its study)
+  bench      throughput of the train step and the classical solvers
+  dashboard  the W&B dashboard (a panel section per study)
   profile    print a profile as `dvc exp run -S` arguments (e.g. `profile paper`)
 
 Bad input exits with status 2 and one line naming the key or file, before any compute starts.
@@ -17,7 +19,6 @@ import argparse
 import os
 import sys
 import warnings
-from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,23 +28,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, help="overlay pipeline/profiles/<name>.yaml (e.g. paper)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one parameter, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--study", action="append", default=None, help="restrict to this study (repeatable)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("validate", help="check the parameters and exit")
+    pl = sub.add_parser("plan", help="write plans/ and dvc.yaml")
+    pl.add_argument("--check-dvc", action="store_true", help="fail (after rewriting it) if dvc.yaml was out of date")
     sub.add_parser("generate", help="write the evaluation sets")
-    t = sub.add_parser("train", help="train the network(s)")
-    t.add_argument("--d", type=int, action="append", help="dimension to train (repeatable; default: task.dims)")
+    t = sub.add_parser("train", help="train networks")
+    t.add_argument("--run", action="append", default=None, help="run id (plans/runs/<id>.json; repeatable)")
     t.add_argument("--no-track", action="store_true", help="no W&B run")
     t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    e = sub.add_parser("evaluate", help="evaluate every solver on the evaluation sets")
+    e = sub.add_parser("evaluate", help="evaluate every method on the evaluation sets")
     e.add_argument("--no-track", action="store_true", help="no W&B run")
     sub.add_parser("report", help="write metrics, plots, figures and tables")
     b = sub.add_parser("bench", help="print throughput figures")
-    b.add_argument("--d", type=int, default=8)
     b.add_argument("--steps", type=int, default=20, help="timed train steps (after 3 warm-up steps)")
-    b.add_argument("--baseline-tasks", type=int, default=256, help="tasks per baseline timing (K = max task.ks)")
     b.add_argument("--device", default="auto")
     b.add_argument("--skip-baselines", action="store_true")
-    b.add_argument("--skip-backbones", action="store_true", help="leave out the table of ablation backbones")
     pr = sub.add_parser("profile", help="print a profile as dvc exp run -S arguments")
     pr.add_argument("name")
     for name, (module, help_text) in EXTENSIONS.items():
@@ -55,9 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 # main(args, cfg) -> exit status, and keeps heavy imports (ray, wandb) inside functions.
 EXTENSIONS = {
     "sweep": ("pipeline.tuning.cli", "run a Ray Tune sweep from sweeps/<name>.yaml"),
-    "robustness": ("pipeline.studies.robustness", "TGMM sample-size and distribution-shift studies"),
-    "ablation": ("pipeline.studies.ablation", "TGMM backbone ablation (matched parameter count) and anisotropic study"),
-    "dashboard": ("pipeline.studies.dashboard", "define the W&B robustness and scaling dashboard"),
+    "dashboard": ("pipeline.core.dashboard", "define the W&B dashboard (a section per study)"),
 }
 
 
@@ -72,9 +71,21 @@ def _fail(msg: str, code: int) -> int:
     return code
 
 
+def _studies(args, cfg) -> list[str]:
+    from pipeline import studies as S
+    from pipeline.core.config import ConfigError
+
+    names = args.study or cfg.studies
+    for n in names:
+        if n not in S.names():
+            raise ConfigError(f"--study {n}: not a registered study (choose from: {', '.join(S.names())})")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from pipeline import config as C
+    from pipeline.core import config as C
+    from pipeline.core.arrays import DataError
 
     if args.command == "profile":
         try:
@@ -83,61 +94,85 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(str(e), 2)
         print(" ".join(f"-S '{k}={_yaml_value(v)}'" for k, v in C.flatten(over).items()))
         return 0
-    try:
-        cfg = C.load(args.params, args.overrides, args.profile)
-        if args.command == "train" and args.d:
-            bad = [d for d in args.d if d not in cfg.task.dims]
-            if bad:
-                raise C.ConfigError(f"--d {bad[0]}: not in task.dims={cfg.task.dims}")
-    except C.ConfigError as e:
-        return _fail(str(e), 2)
-    if args.command == "validate":
-        print(f"{args.params}: ok")
-        return 0
-
     os.environ.setdefault("WANDB_SILENT", "true")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    from pipeline.training.module import NonFiniteLossError
-    from pipeline.training.train import TrainingInterrupted
+    from pipeline.core.errors import NonFiniteLossError, TrainingInterrupted
 
     try:
-        if args.command == "generate":
-            from pipeline.studies import tgmm
-
-            paths = tgmm.generate(cfg)
-            print(f"wrote {len(paths)} evaluation sets to {paths[0].parent}")
-        elif args.command == "train":
-            from pipeline.training.train import train
-
-            for d in args.d or cfg.task.dims:
-                res = train(cfg, d, track=not args.no_track, resume=not args.no_resume)
-                if res.model_path.is_file():
-                    print(f"[train d={d}] done: step {res.metrics['global_step']}, "
-                          f"val/l2 {res.metrics.get('val/l2', float('nan')):.4g} -> {res.model_path}")
-        elif args.command == "evaluate":
-            from pipeline.studies import tgmm
-
-            results = tgmm.evaluate(cfg, track=not args.no_track)
-            print(f"evaluated {len(results['cells'])} (d, K, method) cells -> {Path(cfg.out_dir) / 'eval'}")
-        elif args.command == "report":
-            from pipeline.studies import tgmm
-
-            for p in tgmm.report(cfg):
-                print(p)
-        elif args.command in EXTENSIONS:
+        cfg = C.load(args.params, args.overrides, args.profile)
+        studies = _studies(args, cfg)
+        if args.command == "validate":
+            print(f"{args.params}: ok")
+            return 0
+        if args.command in EXTENSIONS:
             return _extension(EXTENSIONS[args.command][0]).main(args, cfg)
-        elif args.command == "bench":
-            from pipeline import bench
-
-            bench.run(cfg, d=args.d, steps=args.steps, baseline_tasks=args.baseline_tasks, device=args.device,
-                      baselines=not args.skip_baselines, backbone_table=not args.skip_backbones)
-    except FileNotFoundError as e:
+        return _run(args, cfg, studies)
+    except (C.ConfigError, DataError, FileNotFoundError) as e:
         return _fail(str(e).strip("'\""), 2)
     except NonFiniteLossError as e:
         return _fail(str(e), 1)
     except TrainingInterrupted as e:
         return _fail(str(e), 143)
+
+
+def _run(args, cfg, studies: list[str]) -> int:
+    from pathlib import Path
+
+    from pipeline import studies as S
+    from pipeline.core import plan as P
+
+    if args.command == "plan":
+        plan = P.resolve(cfg)
+        P.write(cfg, plan)
+        changed = P.write_dvc_yaml(cfg, plan, check=args.check_dvc)
+        print(f"plans/: {len(plan.runs)} networks for {len(plan.studies)} studies"
+              + ("; dvc.yaml rewritten" if changed else "; dvc.yaml up to date"))
+    elif args.command == "train":
+        from pipeline.core.train import train
+
+        plan = P.resolve_all(cfg, studies)
+        if args.run:
+            for rid in args.run:
+                if rid not in plan.runs:
+                    from pipeline.core.config import ConfigError
+
+                    raise ConfigError(f"--run {rid}: not a run of the plan (known: {', '.join(sorted(plan.runs))})")
+            runs = {rid: plan.runs[rid] for rid in args.run}
+        else:
+            used = {r for s in studies for r in plan.studies[s].networks.values()}
+            runs = {rid: run for rid, run in plan.runs.items() if rid in used}
+        for rid, run in runs.items():
+            res = train(run, P.run_dir(cfg, rid), track=not args.no_track, resume=not args.no_resume, tracking_cfg=cfg)
+            if res.model_path.is_file():
+                mon = run and res.net.family.monitor
+                print(f"[train {rid}] done: step {res.metrics['global_step']}, {mon} "
+                      f"{res.metrics.get(mon, float('nan')):.4g} -> {res.model_path}")
+    elif args.command == "generate":
+        from pipeline.core.evaluate import generate
+
+        for name in studies:
+            paths = generate(cfg, S.get(name))
+            print(f"[{name}] wrote {len(paths)} evaluation sets to {P.data_dir(name)}")
+    elif args.command == "evaluate":
+        from pipeline.core.evaluate import evaluate
+
+        for name in studies:
+            res = evaluate(cfg, S.get(name), track=not args.no_track)
+            print(f"[{name}] {len(res['rows'])} result rows -> {P.study_dir(cfg, name) / 'results.json'}")
+    elif args.command == "report":
+        from pipeline.core.report import write_report
+        from pipeline.core.results import load_results
+
+        for name in studies:
+            st = S.get(name)
+            res = load_results(P.study_dir(cfg, name) / "results.json", f"python -m pipeline --study {name} evaluate")
+            for p in write_report(cfg, st, res, P.study_dir(cfg, name) / "report"):
+                print(p)
+    elif args.command == "bench":
+        from pipeline import bench
+
+        bench.run(cfg, studies, steps=args.steps, device=args.device, baselines=not args.skip_baselines)
     return 0
 
 

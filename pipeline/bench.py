@@ -1,21 +1,18 @@
-"""`python -m pipeline bench`: throughput figures for the current params (override with --set).
+"""`python -m pipeline [--study S] bench`: throughput figures for the current params (override with --set).
 
-Prints (1) training throughput of the real train step (sample tasks on the device, forward over
-every K, matched loss, backward, AdamW step) in tasks/s, with the share of the step spent
-sampling; (2) inference throughput of the network; (3) each baseline's wall time on one
-evaluation set of K = max(task.ks); (4) the same train step and inference for every backbone of
-`ablation.variants`, each at its matched width (parameter count printed), at d = ablation.d.
+Per study (default: every listed study), per distinct network it trains: the real train step
+(sample tasks on the device, forward over every group, the family's loss, backward, AdamW) in
+ms and tasks/s, the share of the step spent sampling and the parameter count; then every method
+of the study's first grid point (the untrained network and each classical solver) timed on that
+point's evaluation tasks.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import torch
 
-from pipeline.config import Config
-from pipeline.studies.tgmm import baseline_solvers, make_eval_set, resolve_device
-from pipeline.training.module import TGMMModule
+from pipeline.core.config import Config, RunConfig
 
 
 def _sync(device: torch.device) -> None:
@@ -23,10 +20,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_throughput(cfg: Config, d: int, steps: int, device: torch.device, warmup: int = 3) -> dict:
-    module = TGMMModule(cfg.to_dict(), d).to(device)
-    opt = torch.optim.AdamW(module.parameters(), lr=cfg.train.lr)
-    autocast = cfg.train.precision.startswith("bf16")
+def train_throughput(run: RunConfig, steps: int, device: torch.device, warmup: int = 3) -> dict:
+    from pipeline.core.module import TaskModule
+
+    module = TaskModule(run.to_dict()).to(device)
+    opt = torch.optim.AdamW(module.parameters(), lr=run.train.lr)
+    autocast = run.train.precision.startswith("bf16")
     t_sample = t_total = 0.0
     for step in range(warmup + steps):
         _sync(device)
@@ -45,80 +44,58 @@ def train_throughput(cfg: Config, d: int, steps: int, device: torch.device, warm
         if step >= warmup:
             t_sample += t1 - t0
             t_total += t2 - t0
-    tasks = cfg.train.batch_per_k * len(cfg.task.ks) * steps
+    tasks = run.train.batch_size * len(module.net.groups) * steps
     n_params = sum(p.numel() for p in module.net.parameters())
     return {"params": n_params, "step_ms": 1e3 * t_total / steps, "tasks_per_s": tasks / t_total,
-            "tokens_per_s": tasks * cfg.task.n0 * 0.75 / t_total, "sampling_share": t_sample / t_total,
-            "net": module.net}
+            "sampling_share": t_sample / t_total, "net": module.net}
 
 
-def infer_throughput(net, batch, repeats: int = 3) -> float:
-    """Tasks per second of the network's forward pass (no grad) on one evaluation set."""
-    from pipeline.models.tgmm import NetworkSolver
+def run(cfg: Config, studies: list[str], steps: int = 20, device: str = "auto", baselines: bool = True) -> dict:
+    from pipeline import studies as S
+    from pipeline.core import family as F
+    from pipeline.core import plan as P
+    from pipeline.core.evaluate import resolve_device
+    from pipeline.core.network import NetworkSolver
+    from pipeline.models.backbone import describe
 
-    solver = NetworkSolver(net.eval())
-    solver(batch.slice(0, min(8, batch.B)))  # warm-up
-    dev = batch.x.device
-    _sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        solver(batch)
-    _sync(dev)
-    return repeats * batch.B / (time.perf_counter() - t0)
-
-
-def backbones(cfg: Config, steps: int, device: torch.device, infer_tasks: int = 256) -> dict:
-    """Train-step and inference throughput of every ablation variant at its matched width."""
-    from pipeline.studies.ablation import describe_variants, variant_config
-
-    d = cfg.ablation.d
-    info = describe_variants(cfg)
-    K = max(cfg.task.ks)
-    batch = make_eval_set(replace(cfg, eval=replace(cfg.eval, n_tasks=infer_tasks)), d, K, device=device)
-    print(f"backbones at matched parameter count (d={d}, train: batch {cfg.train.batch_per_k}/K x "
-          f"{len(cfg.task.ks)} K; inference: {infer_tasks} tasks, K={K}, N={cfg.eval.n}):")
-    print(f"  {'variant':<18} {'model':<34} {'params':>9} {'step ms':>8} {'train tasks/s':>13} {'infer tasks/s':>13}")
-    out = {}
-    for name, v in info.items():
-        tr = train_throughput(variant_config(cfg, name), d, steps, device)
-        inf = infer_throughput(tr["net"], batch)
-        print(f"  {name:<18} {v['label']:<34} {tr['params']:>9,} {tr['step_ms']:>8.1f} {tr['tasks_per_s']:>13.0f} "
-              f"{inf:>13.0f}")
-        out[name] = {"params": tr["params"], "step_ms": tr["step_ms"], "train_tasks_per_s": tr["tasks_per_s"],
-                     "infer_tasks_per_s": inf}
-    return out
-
-
-def run(cfg: Config, d: int = 8, steps: int = 20, baseline_tasks: int = 256, device: str = "auto",
-        baselines: bool = True, backbone_table: bool = True) -> dict:
     dev = resolve_device(device)
-    m, t = cfg.model, cfg.train
-    print(f"device {dev} | torch {torch.__version__} | threads {torch.get_num_threads()} | precision {t.precision}")
-    print(f"model: {m.backbone}/{m.position} L={m.n_layer} D={m.n_embd} H={m.n_head} | d={d} ks={cfg.task.ks} "
-          f"| batch {t.batch_per_k}/K x {len(cfg.task.ks)} K | n0={cfg.task.n0}")
-    tr = train_throughput(cfg, d, steps, dev)
-    print(f"train step: {tr['step_ms']:.1f} ms | {tr['tasks_per_s']:.0f} tasks/s | "
-          f"~{tr['tokens_per_s']:.0f} tokens/s | sampling {100 * tr['sampling_share']:.1f}% of step | "
-          f"{tr['params'] / 1e6:.3f} M params")
-    out = {"train": {k: v for k, v in tr.items() if k != "net"}, "solvers": {}}
-    K = max(cfg.task.ks)
-    batch = make_eval_set(replace(cfg, eval=replace(cfg.eval, n_tasks=baseline_tasks)), d, K, device=dev)
-    from pipeline.models.tgmm import NetworkSolver
-
-    solvers = [NetworkSolver(tr["net"].eval(), name="tgmm (untrained)")]
-    if baselines:
-        solvers += baseline_solvers(cfg, d)
-    print(f"solvers on {baseline_tasks} tasks, d={d}, K={K}, N={cfg.eval.n}:")
-    for s in solvers:
-        s(batch.slice(0, min(8, batch.B)))  # warm-up
-        _sync(dev)
-        t0 = time.perf_counter()
-        est = s(batch)
-        _sync(dev)
-        dt = time.perf_counter() - t0
-        note = "" if est.applicable else f" (not applicable: {est.reason})"
-        print(f"  {s.name:<18} {dt * 1e3:9.1f} ms  ({1e3 * dt / batch.B:.3f} ms/task){note}")
-        out["solvers"][s.name] = dt
-    if backbone_table:
-        out["backbones"] = backbones(cfg, steps, dev)
+    print(f"device {dev} | torch {torch.__version__} | threads {torch.get_num_threads()}")
+    plan = P.resolve_all(cfg, studies)
+    out: dict = {}
+    for name in studies:
+        st, sp = S.get(name), plan.studies[name]
+        fam = F.get(st.family)
+        print(f"\n[{name}] train step per network:")
+        print(f"  {'network':<22} {'model':<34} {'params':>9} {'step ms':>8} {'tasks/s':>8} {'sampling':>8}")
+        nets = {}
+        for unit, rid in sp.networks.items():
+            run = plan.runs[rid]
+            tr = train_throughput(run, steps, dev)
+            nets[unit] = tr.pop("net")
+            out[f"{name}/{unit}"] = tr
+            print(f"  {unit:<22} {describe(run.model):<34} {tr['params']:>9,} {tr['step_ms']:>8.1f} "
+                  f"{tr['tasks_per_s']:>8.0f} {100 * tr['sampling_share']:>7.1f}%")
+        grid = st.grids(cfg)[0]
+        point = grid.points[0]
+        batch = grid.make_set(cfg, point).to(dev)
+        print(f"  methods on {batch.B} tasks of grid {grid.name} point {point}:")
+        for method in grid.methods(cfg, point):
+            if method.unit is not None:
+                solver = NetworkSolver(nets[method.unit].eval(), name=f"{method.name} (untrained)")
+            elif baselines:
+                solver = fam.solvers[method.solver].factory(st.solver_params(cfg), cfg.seed,
+                                                            st.point_task(cfg, grid, point))
+            else:
+                continue
+            with torch.no_grad():
+                solver(batch.slice(0, min(8, batch.B)))  # warm-up
+                _sync(dev)
+                t0 = time.perf_counter()
+                est = solver(batch)
+                _sync(dev)
+            dt = time.perf_counter() - t0
+            ok = getattr(est, "applicable", True)
+            note = "" if ok else f" (not applicable: {est.reason})"
+            print(f"    {solver.name:<24} {dt * 1e3:9.1f} ms  ({1e3 * dt / batch.B:.3f} ms/task){note}")
+            out[f"{name}/solver/{solver.name}"] = dt
     return out

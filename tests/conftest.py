@@ -1,4 +1,4 @@
-"""Shared fixtures: an isolated environment (no network, no home-directory writes) and a tiny config."""
+"""Shared fixtures: an isolated environment (no network, no home-directory writes) and tiny configs."""
 from __future__ import annotations
 
 import copy
@@ -6,17 +6,23 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, from_dict
+from pipeline.core.config import Config, RunConfig, from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
+_TRAIN = {"steps": 4, "batch_size": 4, "warmup_steps": 1, "ckpt_every": 2, "val_every": 2, "log_every": 1,
+          "val_tasks": 4, "accelerator": "cpu"}
 TINY_PARAMS: dict = {
     "seed": 0,
-    "task": {"dims": [2], "ks": [2, 3], "n0": 16},
-    "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "k_embd": 4},
-    "train": {"steps": 4, "batch_per_k": 4, "warmup_steps": 1, "ckpt_every": 2, "val_every": 2,
-              "log_every": 1, "val_tasks": 4, "accelerator": "cpu"},
-    "eval": {"n_tasks": 8, "n": 16},
+    "studies": ["tgmm", "linreg"],
+    "task": {"gmm": {"d": 2, "ks": [2, 3], "n0": 16, "k_embd": 4},
+             "linreg": {"d": 3, "n_points": 7, "curriculum_every": 2, "dims_start": 2, "points_start": 3}},
+    "model": {"n_layer": 1, "n_head": 2, "n_embd": 16},
+    "train": dict(_TRAIN),
+    "tgmm": {"dims": [2], "n_tasks": 8, "n": 16},
+    "robustness": {"d": 2, "train_n0": [8, 16], "eval_n": [8, 16], "sigma_p": [0.0, 2.0], "n": 16, "n_tasks": 4},
+    "ablation": {"d": 2, "n_tasks": 4, "n": 16, "variants": {"transformer": {}, "lstm": {"backbone": "lstm"}}},
+    "linreg": {"n_tasks": 16, "model": {"position": "gpt2"}},
     "wandb": {"mode": "disabled"},
 }
 
@@ -53,5 +59,27 @@ def tiny_params(tmp_path) -> dict:
 
 @pytest.fixture
 def tiny_cfg(tiny_params) -> Config:
-    """A validated Config for a run of a few seconds on CPU (d=2, K in {2, 3}, 4 steps)."""
+    """A validated Config for runs of a few seconds on CPU (tgmm: d=2, K in {2, 3}; linreg: d=3; 4 steps)."""
     return from_dict(tiny_params, source="tiny_cfg")
+
+
+def make_run(family: str = "gmm", **over) -> RunConfig:
+    """A tiny validated run of `family`; `over`: {"task": {...}, "model": {...}, "train": {...}} merged in."""
+    from pipeline.core.config import deep_merge
+
+    base = {"family": family, "seed": 0, "task": copy.deepcopy(TINY_PARAMS["task"][family]),
+            "model": copy.deepcopy(TINY_PARAMS["model"]), "train": dict(_TRAIN), "name": f"tiny-{family}",
+            "group": "tests"}
+    if family == "linreg":
+        base["model"]["position"] = "gpt2"
+    return RunConfig.from_dict(deep_merge(base, over), where="make_run")
+
+
+@pytest.fixture
+def tiny_run() -> RunConfig:
+    return make_run("gmm")
+
+
+@pytest.fixture
+def tiny_linreg_run() -> RunConfig:
+    return make_run("linreg")

@@ -1,17 +1,23 @@
 """The backbone registry: one contract for every backbone (per-layer states, padding, symmetry or
 causality), the attention variants against an explicit reference, and a few real training steps
-of every backbone through the one train() function."""
+of every backbone through the one train() function.
+
+No test here touches the global RNG: data come from local generators, and parameter initialisation
+runs inside `seeded_init` (the global state is forked and restored)."""
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import replace
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
-from pipeline.config import BACKBONES, ConfigError, ModelConfig, deep_merge, from_dict
+from pipeline.core.config import BACKBONES, ConfigError, ModelConfig, deep_merge, from_dict
 from pipeline.models.backbone import build_backbone, describe, is_causal, reverse_within_length
 from pipeline.models.transformer import ATTENTIONS, SelfAttention
+from tests.conftest import make_run
 
 C = 16
 CASES = {  # name -> ModelConfig of a small backbone
@@ -26,9 +32,21 @@ CASES = {  # name -> ModelConfig of a small backbone
 }
 
 
+@contextlib.contextmanager
+def seeded_init(seed: int):
+    """Module construction with a fixed parameter initialisation, isolated from the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def _backbone(m: ModelConfig, seed: int = 0):
-    torch.manual_seed(seed)
-    return build_backbone(m).double().eval()
+    with seeded_init(seed):
+        return build_backbone(m).double().eval()
+
+
+def _randn(shape, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def _inputs(B=3, N=12, seed=1):
@@ -59,7 +77,7 @@ def test_contract_hidden_states_padding_and_gradients(name):
     assert bb(h, mask)[1] == []  # no per-layer states unless asked
     # padding content never reaches real positions
     h2 = h.clone()
-    h2[~mask] = 1e3 * torch.randn(int((~mask).sum()), C, dtype=torch.float64)
+    h2[~mask] = 1e3 * _randn((int((~mask).sum()), C), 2)
     out2, _ = bb(h2, mask)
     torch.testing.assert_close(out2[mask], out[mask], rtol=0, atol=1e-9)
     # every parameter is used
@@ -76,7 +94,7 @@ def test_causal_backbones_ignore_later_inputs(name):
     out, _ = bb(h, mask)
     for t in (0, 5, 12):
         h2 = h.clone()
-        h2[:, t + 1:] = torch.randn_like(h2[:, t + 1:])
+        h2[:, t + 1:] = _randn(h2[:, t + 1:].shape, 3 + t)
         out2, _ = bb(h2, mask)
         torch.testing.assert_close(out2[:, :t + 1], out[:, :t + 1], rtol=0, atol=1e-10)
         assert not torch.allclose(out2[:, t + 1:], out[:, t + 1:])
@@ -89,7 +107,7 @@ def test_non_causal_backbones_see_the_whole_sample(name):
     mask[:] = True
     out, _ = bb(h, mask)
     h2 = h.clone()
-    h2[:, -1] = torch.randn_like(h2[:, -1])  # change only the last point
+    h2[:, -1] = _randn(h2[:, -1].shape, 4)  # change only the last point
     assert not torch.allclose(bb(h2, mask)[0][:, 0], out[:, 0])
 
 
@@ -112,10 +130,10 @@ def test_set_transformer_is_permutation_equivariant(attention):
 @pytest.mark.parametrize("causal", [False, True])
 def test_normalised_attention_matches_the_formula(attention, causal):
     """y_i = (1/|S_i|) sum_{j in S_i} f(q_i.k_j / sqrt(hd)) v_j, S_i = real (and, causal, earlier) keys."""
-    torch.manual_seed(0)
     n_head, N = 2, 7
-    att = SelfAttention(C, n_head, 0.0, causal, attention).double().eval()
-    x = torch.randn(2, N, C, dtype=torch.float64)
+    with seeded_init(0):
+        att = SelfAttention(C, n_head, 0.0, causal, attention).double().eval()
+    x = _randn((2, N, C), 6)
     mask = torch.ones(2, N, dtype=torch.bool)
     mask[1, 4:] = False
     y = att(x, mask)
@@ -166,7 +184,8 @@ def test_bad_backbone_params_name_the_key(tiny_params, model, key):
     ({"m": 3}, "ablation.variants"),
 ])
 def test_bad_ablation_variants_name_the_key(tiny_params, variants, key):
-    tiny_params["ablation"] = {"variants": variants}
+    tiny_params["studies"] = [*tiny_params["studies"], "ablation"]  # a listed study's networks are resolved
+    tiny_params["ablation"] = {**tiny_params["ablation"], "variants": variants}
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         from_dict(tiny_params)
 
@@ -185,29 +204,30 @@ TRAIN_CASES = {"transformer-relu": {"attention": "relu"}, "transformer-linear-gp
                "lstm": {"backbone": "lstm"}}
 
 
+class _InitialWeights(pl.Callback):
+    """Keeps a copy of the network's parameters as training starts (after train() initialised them)."""
+
+    def on_train_start(self, trainer, module):
+        self.params = {n: p.detach().clone() for n, p in module.net.named_parameters()}
+
+
 @pytest.mark.parametrize("name", list(TRAIN_CASES))
-def test_every_backbone_trains_through_the_one_train_function(tiny_params, tmp_path, name):
-    from pipeline.training.train import train
+def test_every_backbone_trains_through_the_one_train_function(tmp_path, name):
+    from pipeline.core.network import load_network
+    from pipeline.core.train import train
+    from pipeline.families.gmm.data import make_generator, sample_gmm
 
-    tiny_params["model"].update(TRAIN_CASES[name])
-    cfg = from_dict(tiny_params)
-    torch.manual_seed(0)
-    res = train(cfg, 2, tmp_path / name, track=False, progress_bar=False)
-    assert res.metrics["global_step"] == cfg.train.steps
+    run = make_run("gmm", model=TRAIN_CASES[name])
+    init = _InitialWeights()
+    res = train(run, tmp_path / name, callbacks=[init], track=False, progress_bar=False)
+    assert res.metrics["global_step"] == run.train.steps
     assert math.isfinite(res.metrics["val/l2"]) and all(math.isfinite(v) for v in res.metrics.values())
-    import pytorch_lightning as pl
-
-    from pipeline.models.tgmm import load_network
-    from pipeline.training.module import TGMMModule
-
-    pl.seed_everything(cfg.seed, verbose=False)  # what train() does before building the network
-    init = TGMMModule(cfg.to_dict(), 2).net
     trained = load_network(res.model_path)
-    assert type(trained.backbone) is type(init.backbone)
-    named = dict(init.backbone.named_parameters())
-    unchanged = [n for n, p in trained.backbone.named_parameters() if torch.equal(p, named[n])]
+    assert type(trained.backbone) is type(res.net.backbone) and trained.run.model == run.model
+    named = {n: p for n, p in init.params.items() if n.startswith("backbone.")}
+    assert named and set(named) == {"backbone." + n for n, _ in trained.backbone.named_parameters()}
+    unchanged = [n for n, p in trained.named_parameters() if n in named and torch.equal(p, named[n])]
     assert not unchanged, f"not updated by training: {unchanged}"
-    x = torch.randn(3, 10, 2)
-    mask = torch.ones(3, 10, dtype=torch.bool)
-    _, hidden = trained.encode(x, mask, torch.full((3,), 2), return_hidden=True)
-    assert len(hidden) == cfg.model.n_layer + 1 and all(t.shape == (3, 10, cfg.model.n_embd) for t in hidden)
+    b = sample_gmm(3, run.task.d, 2, 10, 10, make_generator(0))
+    _, mask, hidden = trained.encode(b, return_hidden=True)
+    assert len(hidden) == run.model.n_layer + 1 and all(t.shape == (3, 10, run.model.n_embd) for t in hidden)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import config as C
-from pipeline.config import Config, ConfigError, deep_merge, from_dict, load, parse_override
+from pipeline.core import config as C
+from pipeline.core.config import Config, ConfigError, deep_merge, from_dict, load, parse_override
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -36,16 +36,22 @@ def test_params_yaml_loads_and_validates():
     assert isinstance(cfg, Config)
     raw = _base()
     assert cfg.seed == raw["seed"]
-    assert cfg.task.dims == raw["task"]["dims"] and cfg.task.ks == raw["task"]["ks"]
+    assert cfg.section("tgmm").dims == raw["tgmm"]["dims"] and cfg.task["gmm"].ks == raw["task"]["gmm"]["ks"]
+    assert cfg.studies == raw["studies"]
     assert cfg.model.n_embd % cfg.model.n_head == 0
     assert isinstance(cfg.train.lr, float) and cfg.train.lr == pytest.approx(float(raw["train"]["lr"]))
-    assert isinstance(cfg.baselines.em_tol, float)  # "1.0e-7" style values become floats
+    assert isinstance(cfg.baselines["gmm"].em_tol, float)  # "1.0e-7" style values become floats
     # Round trip: the dict form validates to the same config.
     assert from_dict(cfg.to_dict()) == cfg
 
 
 def test_defaults_validate():
-    assert from_dict({}) == Config()
+    """`studies` is the one required key; every other section defaults to its dataclass defaults."""
+    cfg = from_dict({"studies": ["tgmm", "linreg"]})
+    assert cfg.model == C.ModelConfig() and cfg.train == C.TrainConfig()
+    assert cfg.task["gmm"].ks == [2, 3, 4, 5] and cfg.task["linreg"].d == 5
+    with pytest.raises(ConfigError, match="studies: missing"):
+        from_dict({"seed": 1})
 
 
 @pytest.mark.parametrize("profile", PROFILES, ids=[p.stem for p in PROFILES])
@@ -62,7 +68,7 @@ def test_unknown_profile_rejected():
 
 
 def test_tiny_cfg_fixture(tiny_cfg, tmp_path):
-    assert tiny_cfg.task.dims == [2] and tiny_cfg.task.ks == [2, 3]
+    assert tiny_cfg.section("tgmm").dims == [2] and tiny_cfg.task["gmm"].ks == [2, 3]
     assert tiny_cfg.train.accelerator == "cpu" and tiny_cfg.wandb.mode == "disabled"
     assert Path(tiny_cfg.out_dir) == tmp_path / "outputs"
 
@@ -78,11 +84,17 @@ BAD = [
     ({"train": {"steps": None}}, "train.steps"),                   # null for an int
     ({"train": {"steps": 0}}, "train.steps"),                      # below min
     ({"model": {"n_head": 3}}, "model.n_head"),                    # does not divide n_embd=64
-    ({"task": {"ks": [1, 2]}}, "task.ks"),                         # K=1
-    ({"task": {"ks": [2, 9]}}, "task.ks"),                         # K above max
-    ({"task": {"dims": [0, 2]}}, "task.dims"),                     # d=0
-    ({"task": {"dims": [1]}}, "task.dims"),                        # d=1 with K up to 5
-    ({"task": {"n0": 9}}, "task.n0"),                              # < 2*max(ks)=10
+    ({"task": {"gmm": {"ks": [1, 2]}}}, "task.gmm.ks"),            # K=1
+    ({"task": {"gmm": {"ks": [2, 9]}}}, "task.gmm.ks"),            # K above max
+    ({"tgmm": {"dims": [0, 2]}}, "tgmm.dims"),                     # d=0
+    ({"tgmm": {"dims": [1]}}, "task.d"),                           # d=1 with K up to 5 (named with its study)
+    ({"task": {"gmm": {"n0": 9}}}, "task.n0"),                     # < 2*max(ks)=10
+    ({"task": {"nosuch": {}}}, "task.nosuch"),                     # unknown family
+    ({"task": {"linreg": {"n_points": 0}}}, "task.linreg.n_points"),
+    ({"linreg": {"model": {"position": "set"}}}, "model.position"),  # linreg needs a causal model
+    ({"linreg": {"train": {"stepz": 3}}}, "train.stepz"),          # a study's override with a typo
+    ({"studies": []}, "studies"),                                  # nothing to run
+    ({"studies": ["tgmm", "nosuch"]}, "studies[1]"),               # unknown study
     ({"train": {"lr": -1e-3}}, "train.lr"),                        # negative
     ({"train": {"lr": 0}}, "train.lr"),                            # zero (gt=0)
     ({"train": {"lr": float("nan")}}, "train.lr"),                 # NaN
@@ -90,28 +102,34 @@ BAD = [
     ({"train": {"lr": "fast"}}, "train.lr"),                       # not a number
     ({"train": {"precision": "8-bit"}}, "train.precision"),        # not allowed
     ({"model": {"position": "rope"}}, "model.position"),           # not allowed
-    ({"task": {"ks": []}}, "task.ks"),                             # empty
-    ({"task": {"ks": [2, 3, 3]}}, "task.ks"),                      # duplicate
-    ({"task": {"ks": "2,3"}}, "task.ks"),                          # not a list
+    ({"task": {"gmm": {"ks": []}}}, "task.gmm.ks"),                # empty
+    ({"task": {"gmm": {"ks": [2, 3, 3]}}}, "task.gmm.ks"),         # duplicate
+    ({"task": {"gmm": {"ks": "2,3"}}}, "task.gmm.ks"),             # not a list
     ({"model": {"dropout": 1.0}}, "model.dropout"),                # >= 1
     ({"model": {"dropout": -0.1}}, "model.dropout"),               # < 0
     ({"wandb": {"mode": "cloud"}}, "wandb.mode"),                  # not allowed
     ({"wandb": {"entity": 3}}, "wandb.entity"),                    # not a string
     ({"model": 3}, "model"),                                       # section as a scalar
     ({"train": [1, 2]}, "train"),                                  # section as a list
-    ({"eval": {"n": 4}}, "eval.n"),                                # < 2*max(ks)
+    ({"tgmm": {"n": 4}}, "tgmm.n"),                                # < 2*max(ks)
+    ({"robustness": {"eval_n": [4, 8]}}, "robustness.eval_n[0]"),  # < 2*max(ks)
     ({"train": {"devices": 0}}, "train.devices"),                  # no devices
     ({"train": {"devices": "two"}}, "train.devices"),              # neither int nor 'auto'
     ({"train": {"devices": True}}, "train.devices"),               # bool
     ({"train": {"strategy": "ddp"}}, "train.strategy"),            # ddp with devices=1
     ({"train": {"warmup_steps": 5000}}, "train.warmup_steps"),     # >= steps
-    ({"train": {"devices": 3}}, "train.batch_per_k"),              # 64 not divisible by 3
-    ({"task": {"weight_low": 0.9}}, "task.weight_low"),            # >= weight_high
-    ({"task": {"max_cosine": 1.5}}, "task.max_cosine"),            # above max
-    ({"task": {"anisotropic": "yes please"}}, "task.anisotropic"),  # not a bool
+    ({"train": {"devices": 3}}, "train.batch_size"),               # 16 not divisible by 3
+    ({"task": {"gmm": {"weight_low": 0.9}}}, "task.weight_low"),   # >= weight_high
+    ({"task": {"gmm": {"max_cosine": 1.5}}}, "task.gmm.max_cosine"),  # above max
+    ({"task": {"gmm": {"anisotropic": "yes please"}}}, "task.gmm.anisotropic"),  # not a bool
     ({"seed": -1}, "seed"),                                        # negative seed
     ({"out_dir": 5}, "out_dir"),                                   # not a string
-    ({"baselines": {"methods": ["kmeans"]}}, "baselines.methods"),  # unknown method
+    ({"tgmm": {"methods": ["kmeans"]}}, "tgmm.methods"),           # unknown method
+    ({"linreg": {"methods": ["lasso"]}}, "linreg.methods"),        # not a linreg solver
+    ({"baselines": {"linreg": {"newton_alpha": "magic"}}}, "baselines.linreg.newton_alpha"),
+    ({"ablation": {"variants": {"anisotropic": {}}}}, "ablation.variants.anisotropic"),  # reserved name
+    ({"ablation": {"variants": {"x": {"backbone": "gru"}}}}, "ablation.variants.x.backbone"),
+    ({"ablation": {"variants": {"a b": {}}}}, "ablation.variants.a b"),  # not a folder name
     ({"model": {"position": "gpt2", "max_len": 64}}, "model.max_len"),  # shorter than n0=128
 ]
 
@@ -146,10 +164,14 @@ def test_top_level_not_a_mapping(tmp_path):
     _assert_one_line(str(ei.value), str(p))
 
 
-def test_empty_file_gives_defaults(tmp_path):
+def test_empty_file_is_rejected(tmp_path):
+    """An empty params file is a mistake (a truncated copy, the wrong path), not "all defaults"."""
     p = tmp_path / "params.yaml"
     p.write_text("# nothing\n")
-    assert load(p) == Config()
+    with pytest.raises(ConfigError) as ei:
+        load(p)
+    _assert_one_line(str(ei.value), str(p))
+    assert "empty" in str(ei.value)
 
 
 # ------------------------------------------------------------------------------ --set overrides
@@ -157,7 +179,7 @@ def test_empty_file_gives_defaults(tmp_path):
 def test_parse_override():
     lr = parse_override("train.lr=3e-4")["train"]["lr"]  # PyYAML (YAML 1.1) may keep "3e-4" a string
     assert float(lr) == 3e-4
-    assert parse_override("task.ks=[2, 3]") == {"task": {"ks": [2, 3]}}
+    assert parse_override("task.gmm.ks=[2, 3]") == {"task": {"gmm": {"ks": [2, 3]}}}
     assert parse_override("seed=7") == {"seed": 7}
     assert parse_override("wandb.entity=null") == {"wandb": {"entity": None}}
     assert parse_override("study=a=b") == {"study": "a=b"}
@@ -166,12 +188,12 @@ def test_parse_override():
 
 
 def test_overrides_are_type_parsed():
-    cfg = load(PARAMS, ["train.lr=3e-4", "model.n_layer=2", "task.ks=[2,3]", "task.anisotropic=true",
+    cfg = load(PARAMS, ["train.lr=3e-4", "model.n_layer=2", "task.gmm.ks=[2,3]", "task.gmm.anisotropic=true",
                         "wandb.entity=me", "train.devices=auto", "model.dropout=0.1", "seed=11"])
     assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
     assert cfg.model.n_layer == 2 and type(cfg.model.n_layer) is int
-    assert cfg.task.ks == [2, 3]
-    assert cfg.task.anisotropic is True
+    assert cfg.task["gmm"].ks == [2, 3]
+    assert cfg.task["gmm"].anisotropic is True
     assert cfg.wandb.entity == "me"
     assert cfg.train.devices == "auto"
     assert cfg.model.dropout == pytest.approx(0.1)
@@ -194,20 +216,6 @@ def test_bad_override_rejected(override, key):
     with pytest.raises(ConfigError) as ei:
         load(PARAMS, [override])
     _assert_one_line(str(ei.value), key)
-
-
-# ------------------------------------------------------------------------------ fingerprint
-
-def test_fingerprint_changes_with_params():
-    a = load(PARAMS)
-    assert a.fingerprint() == load(PARAMS).fingerprint()  # deterministic
-    b = load(PARAMS, ["train.lr=3e-4"])
-    assert a.fingerprint() != b.fingerprint()
-    assert a.fingerprint("train") != b.fingerprint("train")
-    assert a.fingerprint("model", "task") == b.fingerprint("model", "task")  # other sections unaffected
-    c = load(PARAMS, ["task.ks=[2,3]"])
-    assert a.fingerprint("task") != c.fingerprint("task")
-    assert len(a.fingerprint()) == 12 and int(a.fingerprint(), 16) >= 0
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -254,7 +262,7 @@ def test_cli_missing_params_file(tmp_path):
 
 def test_cli_invalid_yaml(tmp_path):
     p = tmp_path / "broken.yaml"
-    p.write_text("task:\n  dims: [2, 8\n  ks: [2, 3]\n")
+    p.write_text("tgmm:\n  dims: [2, 8\n  ks: [2, 3]\n")
     res = _cli(["--params", str(p), "validate"], tmp_path)
     _assert_cli_error(res, str(p))
 
@@ -276,26 +284,28 @@ def test_cli_train_bad_config_fails_before_compute(tmp_path):
 
 def test_cli_train_bad_config_leaves_existing_outputs(tmp_path):
     out = tmp_path / "outputs"
-    (out / "train" / "d2").mkdir(parents=True)
-    keep = out / "train" / "d2" / "model.safetensors"
+    (out / "runs" / "tgmm-d2").mkdir(parents=True)
+    keep = out / "runs" / "tgmm-d2" / "model.safetensors"
     keep.write_bytes(b"previous model")
     os.utime(keep, (1_000_000, 1_000_000))
     before = sorted(str(q.relative_to(out)) for q in out.rglob("*"))
-    p = _bad_params(tmp_path, out, task={"ks": [2, 2]})
+    p = _bad_params(tmp_path, out, task={"gmm": {"ks": [2, 2]}})
     res = _cli(["--params", str(p), "train", "--no-track"], tmp_path)
-    _assert_cli_error(res, "task.ks")
+    _assert_cli_error(res, "task.gmm.ks")
     assert sorted(str(q.relative_to(out)) for q in out.rglob("*")) == before
     assert keep.read_bytes() == b"previous model" and keep.stat().st_mtime == 1_000_000
 
 
-def test_cli_train_unknown_d_fails_before_compute(tmp_path):
+def test_cli_train_unknown_run_fails_before_compute(tmp_path):
     out = tmp_path / "outputs"
     data = deep_merge(_base(), {"out_dir": str(out)})
     p = tmp_path / "params.yaml"
     p.write_text(yaml.safe_dump(data))
-    res = _cli(["--params", str(p), "train", "--d", "7", "--no-track"], tmp_path)
-    _assert_cli_error(res, "--d 7")
+    res = _cli(["--params", str(p), "train", "--run", "tgmm-d7", "--no-track"], tmp_path)
+    _assert_cli_error(res, "--run tgmm-d7", "tgmm-d2")
     assert not out.exists()
+    res = _cli(["--params", str(p), "--study", "nosuch", "generate"], tmp_path)
+    _assert_cli_error(res, "--study nosuch")
 
 
 def test_cli_non_utf8_params_file(tmp_path):

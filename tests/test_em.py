@@ -12,8 +12,10 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
 from pipeline.algorithms import EMPaper, EMStrong, em_fit, kmeans_plusplus
-from pipeline.tasks.base import Solver
-from pipeline.tasks.gmm import GMMBatch, make_generator, mean_log_likelihood, sample_gmm
+from pipeline.algorithms.em import kmeans_uniforms
+from pipeline.core.family import Solver
+from pipeline.core.rng import SOLVER, make_generator
+from pipeline.families.gmm.data import mean_log_likelihood, sample_gmm
 
 
 def _start(B, K, d, seed, scale=1.0):
@@ -176,7 +178,8 @@ def test_greedy_kmeans_plusplus_covers_clusters_in_high_dimension():
 
 def test_solvers_are_solvers_and_reproducible():
     batch = sample_gmm(16, 3, 3, 32, 64, make_generator(8))
-    for solver in (EMPaper(seed=1), EMStrong(seed=1), EMStrong(seed=1, covariance="diag")):
+    for solver in (EMPaper(seed=1, max_iter=30), EMStrong(seed=1, max_iter=30),
+                   EMStrong(seed=1, max_iter=30, covariance="diag")):
         assert isinstance(solver, Solver)
         a, b = solver(batch), solver(batch)
         assert a.weights.dtype == torch.float32 and a.means.shape == (16, 3, 3)
@@ -184,12 +187,16 @@ def test_solvers_are_solvers_and_reproducible():
         assert a.extras["iterations"].shape == (16,)
         torch.testing.assert_close(a.weights.sum(1), torch.ones(16))
     assert EMPaper().name == "em_paper" and EMStrong().name == "em_strong"
-    assert EMPaper(seed=0)(batch).means.ne(EMPaper(seed=1)(batch).means).any()
+    # the seed is the solver's: other seeds give other starts
+    assert EMPaper(seed=0, max_iter=1)(batch).means.ne(EMPaper(seed=1, max_iter=1)(batch).means).any()
+    ll0 = EMStrong(seed=0, max_iter=1)(batch).extras["restart_log_likelihood"]
+    assert ll0.ne(EMStrong(seed=1, max_iter=1)(batch).extras["restart_log_likelihood"]).any()
 
 
 def test_solvers_run_in_float32():
     batch = sample_gmm(16, 4, 3, 32, 64, make_generator(12))
-    for solver in (EMPaper(dtype=torch.float32), EMStrong(dtype=torch.float32, covariance="spherical")):
+    for solver in (EMPaper(dtype=torch.float32, max_iter=40), EMStrong(dtype=torch.float32, max_iter=40,
+                                                                     covariance="spherical")):
         est = solver(batch)
         assert torch.isfinite(est.means).all() and torch.isfinite(est.weights).all()
 
@@ -204,7 +211,7 @@ def test_strong_em_recovers_separated_means():
 
 
 def test_strong_em_at_least_as_good_as_paper_em():
-    batch = sample_gmm(128, 2, 5, 64, 128, make_generator(22))
+    batch = sample_gmm(48, 2, 5, 64, 128, make_generator(22))
     x, m = batch.x.double(), batch.mask
     paper, strong = EMPaper()(batch), EMStrong()(batch)
     ll_p = mean_log_likelihood(x, m, paper.weights.double(), paper.means.double())
@@ -216,19 +223,25 @@ def test_strong_em_at_least_as_good_as_paper_em():
 
 
 def test_strong_em_best_restart_matches_a_single_run():
-    """Restart r of the batched solver equals em_fit run alone from the same k-means++ centers."""
-    batch = sample_gmm(6, 2, 3, 40, 60, make_generator(30))
-    est = EMStrong(restarts=3, seed=4)(batch)
-    R, B = 3, 6
-    x = batch.x.double().repeat(R, 1, 1)
-    mask = batch.mask.repeat(R, 1)
-    centers, _ = kmeans_plusplus(x, mask, 3, make_generator(4))
+    """Restart r of the batched solver equals em_fit run alone from the same k-means++ centers: task b's
+    restart r seeds k-means++ with row r of the uniforms drawn from make_generator(seed, SOLVER, b)."""
+    K, R, B, seed = 3, 3, 6, 4
+    batch = sample_gmm(B, 2, K, 40, 60, make_generator(30))
+    est = EMStrong(restarts=R, seed=seed)(batch)
     best = est.extras["best_restart"]
+    assert best.shape == (B,) and est.extras["restart_log_likelihood"].shape == (B, R)
     for b in range(B):
-        r = int(best[b])
-        one = em_fit(batch.x[b:b + 1].double(), batch.mask[b:b + 1], torch.full((1, 3), 1 / 3, dtype=torch.float64),
-                     centers[r * B + b][None])
-        torch.testing.assert_close(est.means[b], one.means[0].float())
+        u = torch.rand(R, kmeans_uniforms(K), generator=make_generator(seed, SOLVER, b))
+        x, mask = batch.x[b:b + 1].double(), batch.mask[b:b + 1]
+        runs = []
+        for r in range(R):
+            centers, _ = kmeans_plusplus(x, mask, K, uniforms=u[r:r + 1])
+            runs.append(em_fit(x, mask, torch.full((1, K), 1 / K, dtype=torch.float64), centers))
+        lls = torch.stack([one.log_likelihood[0] for one in runs])
+        torch.testing.assert_close(est.extras["restart_log_likelihood"][b], lls.float())
+        assert int(best[b]) == int(lls.argmax())
+        torch.testing.assert_close(est.means[b], runs[int(best[b])].means[0].float())
+        torch.testing.assert_close(est.weights[b], runs[int(best[b])].weights[0].float())
 
 
 def test_degenerate_tasks_stay_finite():
@@ -250,7 +263,8 @@ def test_em_paper_diag_matches_sklearn_from_the_same_start():
     solver = EMPaper(max_iter=n_iter, tol=0.0, seed=4, covariance="diag")
     est = solver(batch)
     assert est.scales is not None and est.scales.shape == (B, K, d)
-    means0 = torch.randn(B, K, d, generator=make_generator(4), dtype=torch.float32).double()  # EMPaper's start
+    # EMPaper's start: task b's means ~ N(0, I) in float32 from make_generator(seed, SOLVER, b)
+    means0 = torch.stack([torch.randn(K, d, generator=make_generator(4, SOLVER, b)) for b in range(B)]).double()
     for b in range(B):
         X = batch.x[b].double().numpy()
         gm = GaussianMixture(K, covariance_type="diag", weights_init=np.full(K, 1 / K), means_init=means0[b].numpy(),

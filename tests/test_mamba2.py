@@ -1,7 +1,11 @@
 """Mamba2 backbone: the chunked SSD scan against a step-by-step recurrence, causality, padding, init,
-chunk-size independence, autocast, and (on a CUDA machine with mamba_ssm) kernels vs pure PyTorch."""
+chunk-size independence, autocast, and (on a CUDA machine with mamba_ssm) kernels vs pure PyTorch.
+
+No test here touches the global RNG: inputs come from local generators, and parameter initialisation
+runs inside `seeded_init` (the global state is forked and restored)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -13,10 +17,23 @@ from pipeline.models.mamba2 import Mamba2, Mixer, kernels_available, ssd_chunked
 C_EMBD = 32  # width of the small test models: d_inner 64, headdim 16 -> 4 heads
 
 
+@contextlib.contextmanager
+def seeded_init(seed: int = 0, cuda: bool = False):
+    """Module construction with a fixed parameter initialisation, isolated from the global RNG."""
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def randn(*shape, seed: int, dtype=torch.float64, device="cpu") -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=dtype, device=device)
+
+
 def small(bidirectional: bool = False, chunk_size: int = 8, dtype=torch.float64, **kw) -> Mamba2:
-    torch.manual_seed(0)
-    return Mamba2(n_layer=2, n_embd=C_EMBD, headdim=16, chunk_size=chunk_size, bidirectional=bidirectional,
-                  kernels="torch", **kw).to(dtype)
+    with seeded_init(0):
+        return Mamba2(n_layer=2, n_embd=C_EMBD, headdim=16, chunk_size=chunk_size, bidirectional=bidirectional,
+                      kernels="torch", **kw).to(dtype)
 
 
 def lengths_mask(lengths: list[int], N: int) -> torch.Tensor:
@@ -67,10 +84,10 @@ def test_ssd_chunked_float32_and_autocast():
 
 def test_causal_model_is_causal():
     m, t = small(), 10
-    h = torch.randn(2, 24, C_EMBD, dtype=torch.float64)
+    h = randn(2, 24, C_EMBD, seed=1)
     mask = torch.ones(2, 24, dtype=torch.bool)
     h2 = h.clone()
-    h2[:, t + 1:] = torch.randn_like(h2[:, t + 1:])
+    h2[:, t + 1:] = randn(2, 24 - t - 1, C_EMBD, seed=2)
     out, out2 = m(h, mask)[0], m(h2, mask)[0]
     assert (out[:, :t + 1] - out2[:, :t + 1]).abs().max() <= 1e-12
     assert (out[:, t + 1:] - out2[:, t + 1:]).abs().max() > 1e-3
@@ -79,13 +96,13 @@ def test_causal_model_is_causal():
 def test_bidirectional_sees_future_but_not_padding():
     m, t = small(bidirectional=True), 10
     mask = lengths_mask([24, 15], 24)
-    h = torch.randn(2, 24, C_EMBD, dtype=torch.float64)
+    h = randn(2, 24, C_EMBD, seed=3)
     h_future = h.clone()
-    h_future[:, t + 1:] = torch.randn_like(h_future[:, t + 1:])
+    h_future[:, t + 1:] = randn(2, 24 - t - 1, C_EMBD, seed=4)
     out, out_future = m(h, mask)[0], m(h_future, mask)[0]
     assert (out[:, :t + 1] - out_future[:, :t + 1]).abs().max() > 1e-3  # not causal
     h_pad = h.clone()
-    h_pad[1, 15:] = 100 * torch.randn_like(h_pad[1, 15:])  # change only padding content
+    h_pad[1, 15:] = 100 * randn(9, C_EMBD, seed=5)  # change only padding content
     out_pad = m(h_pad, mask)[0]
     assert (out - out_pad)[mask].abs().max() <= 1e-12
 
@@ -94,7 +111,7 @@ def test_bidirectional_sees_future_but_not_padding():
 def test_padding_matches_truncation(bidirectional):
     m = small(bidirectional=bidirectional)
     mask = lengths_mask([24, 15], 24)
-    h = torch.randn(2, 24, C_EMBD, dtype=torch.float64)
+    h = randn(2, 24, C_EMBD, seed=6)
     out, _ = m(h, mask)
     out_trunc, _ = m(h[1:, :15], torch.ones(1, 15, dtype=torch.bool))
     assert (out[1, :15] - out_trunc[0]).abs().max() <= 1e-10
@@ -110,7 +127,7 @@ def test_bidirectional_reversal_symmetry():
         blk.mixer, blk.mixer_rev = blk.mixer_rev, blk.mixer
     lengths, N = [20, 13, 1], 20
     mask = lengths_mask(lengths, N)
-    h = torch.randn(3, N, C_EMBD, dtype=torch.float64)
+    h = randn(3, N, C_EMBD, seed=7)
     h_rev = h.clone()
     for i, n in enumerate(lengths):
         h_rev[i, :n] = h[i, :n].flip(0)
@@ -123,16 +140,16 @@ def test_bidirectional_reversal_symmetry():
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_shapes_hidden_and_gradients(bidirectional):
     n_layer, B, N = 3, 3, 19
-    torch.manual_seed(0)
-    m = Mamba2(n_layer=n_layer, n_embd=C_EMBD, headdim=16, chunk_size=8, bidirectional=bidirectional)
+    with seeded_init(0):
+        m = Mamba2(n_layer=n_layer, n_embd=C_EMBD, headdim=16, chunk_size=8, bidirectional=bidirectional)
     mask = lengths_mask([19, 11, 4], N)
-    h = torch.randn(B, N, C_EMBD)
+    h = randn(B, N, C_EMBD, seed=8, dtype=torch.float32)
     out, hidden = m(h, mask, return_hidden=True)
     assert out.shape == (B, N, C_EMBD) and torch.isfinite(out).all()
     assert len(hidden) == n_layer + 1 and all(t.shape == (B, N, C_EMBD) for t in hidden)
     assert hidden[0] is h and torch.allclose(out, m.norm_f(hidden[-1]))
     assert m(h, mask)[1] == []
-    loss = (out * torch.randn_like(out))[mask].sum()
+    loss = (out * randn(*out.shape, seed=9, dtype=out.dtype))[mask].sum()
     loss.backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -140,7 +157,8 @@ def test_shapes_hidden_and_gradients(bidirectional):
 
 
 def test_init():
-    m = Mamba2(n_layer=3, n_embd=64, headdim=8, bidirectional=True)  # 16 heads per mixer, 6 mixers
+    with seeded_init(0):
+        m = Mamba2(n_layer=3, n_embd=64, headdim=8, bidirectional=True)  # 16 heads per mixer, 6 mixers
     mixers = [mod for mod in m.modules() if isinstance(mod, Mixer)]
     assert len(mixers) == 6
     for mix in mixers:
@@ -161,7 +179,7 @@ def test_chunk_size_independence():
         if isinstance(mix, Mixer):
             mix.chunk_size = 64
     mask = lengths_mask([50, 33], 50)
-    h = torch.randn(2, 50, C_EMBD)
+    h = randn(2, 50, C_EMBD, seed=10, dtype=torch.float32)
     out8, out64 = m8(h, mask)[0], m64(h, mask)[0]
     assert (out8 - out64)[mask].abs().max() <= 1e-5
 
@@ -169,7 +187,7 @@ def test_chunk_size_independence():
 def test_autocast_bf16_runs_close_to_fp32():
     m = small(dtype=torch.float32)
     mask = lengths_mask([20, 9], 20)
-    h = torch.randn(2, 20, C_EMBD)
+    h = randn(2, 20, C_EMBD, seed=11, dtype=torch.float32)
     ref = m(h, mask)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(h, mask)[0]
@@ -184,16 +202,16 @@ def test_argument_errors():
         Mamba2(n_layer=1, n_embd=32, headdim=16, kernels="triton")
     m = Mamba2(n_layer=1, n_embd=32, headdim=16, kernels="cuda")
     with pytest.raises(RuntimeError, match="kernels='cuda'"):
-        m(torch.randn(1, 4, 32), torch.ones(1, 4, dtype=torch.bool))
+        m(torch.zeros(1, 4, 32), torch.ones(1, 4, dtype=torch.bool))
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and kernels_available()), reason="needs CUDA and mamba_ssm")
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_cuda_kernels_match_torch(bidirectional):
-    torch.manual_seed(0)
-    m = Mamba2(n_layer=2, n_embd=64, headdim=32, chunk_size=64, bidirectional=bidirectional).cuda()
+    with seeded_init(0):
+        m = Mamba2(n_layer=2, n_embd=64, headdim=32, chunk_size=64, bidirectional=bidirectional).cuda()
     mask = lengths_mask([100, 77, 3, 64], 100).cuda()
-    h = torch.randn(4, 100, 64, device="cuda")
+    h = randn(4, 100, 64, seed=12, dtype=torch.float32, device="cuda")
     results = {}
     for mode in ("cuda", "torch"):
         m.kernels = mode

@@ -1,5 +1,5 @@
-"""Metrics (l2 matching, clustering accuracy, log-likelihood, summaries), solver evaluation and
-evaluation-set storage."""
+"""Metrics (l2 matching, clustering accuracy, log-likelihood, summaries), solver scoring through the
+generic evaluator (core/evaluate.score, rows_for) and evaluation-set storage (core/arrays + GMMBatch)."""
 from __future__ import annotations
 
 import itertools
@@ -11,10 +11,14 @@ import pytest
 import torch
 from scipy import stats
 
-from pipeline.studies.evaluate import (evaluate_grid, evaluate_solver, load_eval_set, save_eval_set,
-                                       write_results)
-from pipeline.studies.metrics import clustering_accuracy, l2_error, log_likelihood, summarize
-from pipeline.tasks.gmm import GMMBatch, GMMEstimate, make_generator, mean_log_likelihood, sample_gmm
+from types import SimpleNamespace
+
+from pipeline.core.arrays import DataError, MissingDataError, load_arrays, save_arrays
+from pipeline.core.evaluate import rows_for, score
+from pipeline.core.results import ROW_KEYS, load_results, summarize, write_results
+from pipeline.families.gmm import FAMILY
+from pipeline.families.gmm.data import GMMBatch, GMMEstimate, make_generator, mean_log_likelihood, sample_gmm
+from pipeline.families.gmm.metrics import clustering_accuracy, l2_error, log_likelihood
 
 
 def _random_params(B: int, K: int, d: int, seed: int):
@@ -178,14 +182,29 @@ def test_summarize_known_values_and_nan():
 def test_eval_set_round_trip_exact(tmp_path, anisotropic):
     b = sample_gmm(5, d=3, K=4, n_min=6, n_max=12, generator=make_generator(7), anisotropic=anisotropic)
     meta = {"d": 3, "K": 4, "seed": 7, "n_range": [6, 12], "anisotropic": anisotropic}
-    path = save_eval_set(tmp_path / "sets" / "d3_K4.npz", b, meta)
+    path = save_arrays(tmp_path / "sets" / "d3_K4.npz", b.to_numpy(), meta)
     assert path.name == "d3_K4.npz" and path.exists() and not list(path.parent.glob("*.tmp"))
-    b2, meta2 = load_eval_set(path)
+    arrays, meta2 = load_arrays(path, GMMBatch.REQUIRED, what="evaluation set")
     assert meta2 == meta
+    b2 = GMMBatch.from_numpy(arrays, where=str(path))
     for name, a in b.to_numpy().items():
         a2 = b2.to_numpy()[name]
         assert a2.dtype == a.dtype and np.array_equal(a2, a), name
     assert (b2.scales is None) == (not anisotropic)
+    assert "index" not in arrays and torch.equal(b2.task_index(), torch.arange(5))  # the row order is the index
+
+
+def test_from_numpy_rejects_inconsistent_arrays():
+    arrays = sample_gmm(3, d=2, K=2, n_min=4, n_max=6, generator=make_generator(1)).to_numpy()
+    bad = {"mask": arrays["mask"][:, :-1], "weights": arrays["weights"][:, :1], "means": arrays["means"][0],
+           "labels": arrays["labels"][:2], "x": arrays["x"][..., :1]}
+    for key, value in bad.items():
+        with pytest.raises(ValueError, match="set.npz"):
+            GMMBatch.from_numpy({**arrays, key: value}, where="set.npz")
+    with pytest.raises(ValueError, match="set.npz"):
+        GMMBatch.from_numpy({**arrays, "mask": arrays["mask"].astype(np.int64)}, where="set.npz")
+    with pytest.raises(ValueError, match="set.npz"):
+        GMMBatch.from_numpy({**arrays, "scales": np.ones((3, 2, 3))}, where="set.npz")
 
 
 def test_eval_set_refuses_pickle_and_reports_bad_files(tmp_path):
@@ -194,21 +213,27 @@ def test_eval_set_refuses_pickle_and_reports_bad_files(tmp_path):
     arrays["x"] = np.array([object()] * 2, dtype=object)  # needs pickle to load
     evil = tmp_path / "evil.npz"
     np.savez(evil, meta=np.frombuffer(b"{}", dtype=np.uint8), **arrays)
-    with pytest.raises(ValueError, match="evil.npz"):
-        load_eval_set(evil)
+    with pytest.raises(DataError, match="evil.npz"):
+        load_arrays(evil, GMMBatch.REQUIRED)
+    with pytest.raises(TypeError, match="pickle"):  # and it cannot be written in the first place
+        save_arrays(tmp_path / "evil2.npz", arrays, {})
+    assert not (tmp_path / "evil2.npz").exists()
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"not a zip file at all")
-    with pytest.raises(ValueError, match="junk.npz"):
-        load_eval_set(junk)
-    with pytest.raises(FileNotFoundError, match="missing.npz"):
-        load_eval_set(tmp_path / "missing.npz")
+    with pytest.raises(DataError, match="junk.npz"):
+        load_arrays(junk)
+    with pytest.raises(MissingDataError, match="missing.npz"):
+        load_arrays(tmp_path / "missing.npz")
     no_meta = tmp_path / "no_meta.npz"
     np.savez(no_meta, **b.to_numpy())
-    with pytest.raises(ValueError, match="no_meta.npz.*meta"):
-        load_eval_set(no_meta)
+    with pytest.raises(DataError, match="no_meta.npz.*meta"):
+        load_arrays(no_meta)
+    partial = save_arrays(tmp_path / "partial.npz", {k: v for k, v in b.to_numpy().items() if k != "labels"}, {})
+    with pytest.raises(DataError, match="partial.npz.*labels"):
+        load_arrays(partial, GMMBatch.REQUIRED)
 
 
-# ----------------------------------------------------------------------------- evaluate_solver
+# ----------------------------------------------------------------------------- scoring solvers
 
 class Oracle:
     """Answers with the true parameters."""
@@ -229,43 +254,70 @@ class NeverApplicable:
         return GMMEstimate.not_applicable(batch.B, batch.K, batch.d, reason="K > d")
 
 
-def test_evaluate_solver_oracle_and_chunks():
+def test_family_metrics_are_the_metric_functions():
+    b = sample_gmm(6, d=3, K=3, n_min=10, n_max=20, generator=make_generator(2), anisotropic=True)
+    g = make_generator(3)
+    est = GMMEstimate(weights=torch.softmax(torch.randn(6, 3, generator=g), -1),
+                      means=b.means + torch.randn(b.means.shape, generator=g), scales=b.scales)
+    assert set(FAMILY.metrics) == {"l2", "accuracy", "loglik"}
+    np.testing.assert_array_equal(np.asarray(FAMILY.metrics["l2"].fn(b, est)),
+                                  l2_error(est.weights, est.means, b.weights, b.means)[0])
+    np.testing.assert_array_equal(np.asarray(FAMILY.metrics["accuracy"].fn(b, est)),
+                                  clustering_accuracy(b.x, b.mask, b.labels, est.weights, est.means, est.scales))
+    np.testing.assert_array_equal(np.asarray(FAMILY.metrics["loglik"].fn(b, est)),
+                                  log_likelihood(b.x, b.mask, est.weights, est.means, est.scales))
+    assert FAMILY.metrics["l2"].better == "lower" and FAMILY.metrics["accuracy"].better == "higher"
+
+
+def test_score_oracle_and_chunks():
     b = sample_gmm(20, d=8, K=3, n_min=32, n_max=64, generator=make_generator(5))
     oracle = Oracle()
-    cell, per_task = evaluate_solver(oracle, b, return_per_task=True)
-    assert cell["method"] == "oracle" and cell["applicable"] and cell["reason"] == "" and cell["n_tasks"] == 20
-    assert cell["seconds"] >= 0
-    assert cell["l2"]["mean"] == 0.0 and cell["l2"]["n"] == 20
-    assert cell["accuracy"]["mean"] > 0.9
-    assert per_task["l2"].shape == (20,) and (per_task["perms"] == np.arange(3)).all()
+    values, seconds, applicable, reason = score(oracle, b, FAMILY.metrics, None)
+    assert applicable and reason == "" and seconds >= 0 and oracle.calls == 1
+    assert set(values) == set(FAMILY.metrics) and all(v.shape == (20,) for v in values.values())
+    assert (values["l2"] == 0.0).all()
+    assert values["accuracy"].mean() > 0.9
     ref = mean_log_likelihood(b.x.double(), b.mask, b.weights.double(), b.means.double())
-    assert np.allclose(per_task["loglik"], ref.numpy())
+    assert np.allclose(values["loglik"], ref.numpy())
     chunked = Oracle()
-    cell2 = evaluate_solver(chunked, b, chunk_size=7)
-    assert chunked.calls == 3
-    for m in ("l2", "accuracy", "loglik"):
-        assert cell2[m] == pytest.approx(cell[m], nan_ok=True)
+    values2, _, ok, _ = score(chunked, b, FAMILY.metrics, 7)
+    assert ok and chunked.calls == 3  # 7 + 7 + 6 tasks
+    for m in FAMILY.metrics:
+        np.testing.assert_allclose(values2[m], values[m], rtol=1e-12, atol=0)
+    s = summarize(values["l2"])
+    assert s["mean"] == 0.0 and s["n"] == 20
 
 
-def test_evaluate_solver_not_applicable():
+def test_score_not_applicable_gives_nan_rows():
     b = sample_gmm(4, d=2, K=3, n_min=8, n_max=8, generator=make_generator(6))
-    cell = evaluate_solver(NeverApplicable(), b, chunk_size=3)
-    assert cell["applicable"] is False and cell["reason"] == "K > d"
-    for m in ("l2", "accuracy", "loglik"):
-        assert cell[m]["n"] == 0 and math.isnan(cell[m]["mean"]) and math.isnan(cell[m]["ci95"])
+    values, _, applicable, reason = score(NeverApplicable(), b, FAMILY.metrics, 3)
+    assert applicable is False and reason == "K > d" and values == {}
+    method = SimpleNamespace(name="spectral")
+    rows = rows_for("main", {"d": 2, "K": 3}, method, None, FAMILY.metrics, values, 0.0, applicable, reason)
+    assert [r["metric"] for r in rows] == list(FAMILY.metrics)
+    for r in rows:
+        assert r["applicable"] is False and r["reason"] == "K > d" and r["method"] == "spectral"
+        assert r["n"] == 0 and math.isnan(r["mean"]) and math.isnan(r["ci95"])
 
 
-def test_evaluate_grid_json_ready(tmp_path):
-    sets = {(d, K): sample_gmm(4, d=d, K=K, n_min=8, n_max=16, generator=make_generator(d, K))
-            for d in (2, 3) for K in (2, 3)}
-    results = evaluate_grid(lambda d: [Oracle(), NeverApplicable()], sets, per_task_dir=tmp_path / "per_task",
-                            progress=False)
-    cells = results["cells"]
-    assert [(c["d"], c["K"], c["method"]) for c in cells][:3] == [(2, 2, "oracle"), (2, 2, "spectral"),
-                                                                  (2, 3, "oracle")]
-    assert len(cells) == 8
-    na = [c for c in cells if c["method"] == "spectral"]
-    assert all(c["l2"]["mean"] is None and c["l2"]["n"] == 0 for c in na)
+def test_result_rows_are_strict_json(tmp_path):
+    rows = []
+    for d in (2, 3):
+        for K in (2, 3):
+            b = sample_gmm(4, d=d, K=K, n_min=8, n_max=16, generator=make_generator(d, K))
+            for solver in (Oracle(), NeverApplicable()):
+                values, sec, ok, why = score(solver, b, FAMILY.metrics, 3)
+                rows += rows_for("main", {"d": d, "K": K}, solver, None, FAMILY.metrics, values, sec, ok, why)
+    assert len(rows) == 2 * 2 * 2 * 3
+    assert all(set(r) == set(ROW_KEYS) for r in rows)
+    assert [(r["point"], r["method"]) for r in rows[:4]] == [({"d": 2, "K": 2}, "oracle")] * 3 + [
+        ({"d": 2, "K": 2}, "spectral")]
+    results = {"study": "test", "family": "gmm", "title": "t", "rows": rows, "meta": {}}
     path = write_results(tmp_path / "results.json", results)
-    assert json.loads(path.read_text()) == results  # strict JSON: NaN written as null
-    assert len(list((tmp_path / "per_task").glob("*.npz"))) == 8
+    text = path.read_text()
+    assert "NaN" not in text and not list(tmp_path.glob("*.tmp"))
+    back = load_results(path)
+    assert back["rows"][0]["mean"] == 0.0 and back["rows"][0]["n"] == 4
+    na = [r for r in back["rows"] if r["method"] == "spectral"]
+    assert len(na) == 12 and all(r["mean"] is None and r["n"] == 0 for r in na)  # NaN written as null
+    assert json.loads(text) == back

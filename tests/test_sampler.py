@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.tasks.gmm import GMMBatch, make_generator, sample_gmm
+from pipeline.core import family as F
+from pipeline.core import rng
+from pipeline.families.gmm.data import GMMBatch, make_generator, sample_gmm
+from tests.conftest import make_run
 
 B, D, K, N0 = 4000, 3, 3, 64
 SP = lambda v: math.log1p(math.exp(v))  # noqa: E731  softplus
@@ -264,11 +267,30 @@ def test_d1_k2_possible():
 
 @pytest.mark.parametrize("d,K,max_cosine", [(2, 8, 0.8), (8, 3, -0.6)])
 def test_every_valid_config_can_be_sampled(d, K, max_cosine):
-    from pipeline.config import ConfigError, from_dict
+    from pipeline.core.config import ConfigError
 
     try:
-        cfg = from_dict({"task": {"dims": [d], "ks": [K], "n0": 32, "max_cosine": max_cosine}, "eval": {"n": 32}})
+        run = make_run("gmm", task={"d": d, "ks": [K], "n0": 32, "max_cosine": max_cosine})
     except ConfigError:
         return  # rejected before any compute: fine
-    t = cfg.task
-    sample_gmm(64, d, K, t.n0 // 2, t.n0, make_generator(0), mean_range=t.mean_range, max_cosine=t.max_cosine)
+    t = run.task
+    b = F.get("gmm").sample(t, K, 64, make_generator(0), "cpu", step=0)
+    assert b.means.shape == (64, K, d) and (_pairwise_cos(b.means) < t.max_cosine).all()
+
+
+# ------------------------------------------------------------------------------ the family's sampler
+
+def test_family_sample_training_and_fixed_sizes():
+    fam = F.get("gmm")
+    t = make_run("gmm", task={"d": 3, "ks": [2, 4], "n0": 20}).task
+    g = lambda: make_generator(0, rng.TRAIN, 5, 0)  # noqa: E731
+    train = fam.sample(t, 4, 256, g(), "cpu", step=5)  # training: N ~ U[n0/2, n0], padded to n0
+    assert (train.B, train.N, train.d, train.K) == (256, 20, 3, 4) and fam.group_of(train) == 4
+    assert train.n.min() >= 10 and train.n.max() == 20 and len(set(train.n.tolist())) > 5
+    _assert_same(train, fam.sample(t, 4, 256, g(), "cpu", step=5))  # same stream, same tasks
+    fixed = fam.sample(t, 2, 16, g(), "cpu")  # step None: the fixed-size distribution, N = n0
+    assert fixed.mask.all() and fixed.N == 20 and fixed.K == 2
+    other = fam.sample(t, 2, 16, g(), "cpu", n=7)
+    assert other.mask.all() and other.N == 7
+    aniso = make_run("gmm", task={"d": 3, "ks": [2], "n0": 20, "anisotropic": True}).task
+    assert fam.sample(aniso, 2, 4, g(), "cpu").scales.shape == (4, 2, 3)

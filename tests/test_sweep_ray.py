@@ -1,4 +1,4 @@
-"""Sweeps on a real Ray, loopback only: a local sweep end to end (table, plot, one offline W&B run
+"""Sweeps on a real Ray, loopback only (all slow-marked: `pytest -m slow`): a local sweep end to end (table, plot, one offline W&B run
 per trial in one group), Ctrl+C then --resume without rerunning a finished trial, and a 2-node
 local cluster losing its worker node mid-trial. Every Ray here binds 127.0.0.1 only
 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray starts); the tests check the node addresses and
@@ -28,19 +28,30 @@ LOOPBACK_IPS = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}  # v4-mapped loopback is
 PARAMS = {
     "seed": 0,
     "out_dir": "out",   # relative on purpose: resolved against the driver's cwd, never a trial's
-    "task": {"dims": [2], "ks": [2, 3], "n0": 16},
-    "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "k_embd": 4},
-    "train": {"steps": 30, "batch_per_k": 4, "warmup_steps": 1, "ckpt_every": 10, "val_every": 10, "log_every": 5,
+    "studies": ["tgmm"],
+    "task": {"gmm": {"d": 2, "ks": [2, 3], "n0": 16, "k_embd": 4}},
+    "model": {"n_layer": 1, "n_head": 2, "n_embd": 16},
+    "train": {"steps": 30, "batch_size": 4, "warmup_steps": 1, "ckpt_every": 10, "val_every": 10, "log_every": 5,
               "val_tasks": 4, "accelerator": "cpu"},
-    "eval": {"n_tasks": 8, "n": 16},
+    "tgmm": {"dims": [2], "n_tasks": 8, "n": 16},
     "wandb": {"mode": "offline"},
 }
 
 
-def _spec(name: str, steps: int, layers: list[int], max_concurrent: int, **extra) -> dict:
-    return {"name": name, "d": 2, "base": {"train.steps": steps}, "params": {"model.n_layer": {"grid": layers}},
-            "seeds": [0], "metric": "val/l2", "mode": "min", "resources": {"cpu": 1, "gpu": 0},
-            "max_concurrent": max_concurrent, "max_failures": 2, **extra}
+def _spec(name: str, steps: int, layers: list[int], max_concurrent: int, every: int = 10, **extra) -> dict:
+    """A sweep of the tgmm study's network (its one unit, d2), a checkpoint (and a validation) every
+    `every` steps; the metric is the family's default."""
+    base = {"train.steps": steps, "train.ckpt_every": every, "train.val_every": every}
+    return {"name": name, "study": "tgmm", "base": base,
+            "params": {"model.n_layer": {"grid": layers}}, "seeds": [0], "mode": "min",
+            "resources": {"cpu": 1, "gpu": 0}, "max_concurrent": max_concurrent, "max_failures": 2, **extra}
+
+
+# The interrupted / lost trials must outlive their first checkpoint by a few seconds (a tiny network
+# trains ~30 steps/s on one thread); fewer checkpoints than one per 10 steps keep Tune's overhead low.
+EVERY = 50
+RESUME_STEPS = 300
+NODELOSS_STEPS = 400
 
 
 @pytest.fixture
@@ -127,21 +138,27 @@ def _attempts(sdir: Path, trial_id: str) -> list[dict]:
 
 
 def _wandb_runs(wandb_dir: Path) -> list[dict]:
-    """(group, name, exit code) of every offline run, read from its .wandb transaction log."""
+    """(group, name, job type, config, exit code) of every offline run, read from its .wandb log."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     out = []
     for run_dir in sorted(wandb_dir.glob("offline-run-*")):
         (log,) = run_dir.glob("run-*.wandb")
-        info = {"dir": run_dir.name}
+        info = {"dir": run_dir.name, "config": {}}
         for raw in wandb_records(log):
             rec = pb.Record()
             rec.ParseFromString(raw)
             which = rec.WhichOneof("record_type")
+            items = []
             if which == "run":
-                info.update(group=rec.run.run_group, name=rec.run.display_name)
+                info.update(group=rec.run.run_group, name=rec.run.display_name, job_type=rec.run.job_type)
+                items = rec.run.config.update
+            elif which == "config":
+                items = rec.config.update
             elif which == "exit":
                 info["exit"] = rec.exit.exit_code
+            for it in items:
+                info["config"][it.key or "/".join(it.nested_key)] = json.loads(it.value_json)
         out.append(info)
     return out
 
@@ -170,6 +187,7 @@ def _stop(proc: subprocess.Popen):
 
 # ------------------------------------------------------------------------------ (a) a local sweep
 
+@pytest.mark.slow
 def test_local_sweep_end_to_end(tmp_path, sweep_env):
     cwd, params, spec = _setup(tmp_path, _spec("tiny", steps=30, layers=[1, 2], max_concurrent=2))
     log = open(tmp_path / "sweep.log", "w")
@@ -208,16 +226,28 @@ def test_local_sweep_end_to_end(tmp_path, sweep_env):
     runs = _wandb_runs(sdir / "wandb")
     assert len(runs) == 2, runs                       # one offline run per trial ...
     assert {r["group"] for r in runs} == {"sweep-tiny"}  # ... in one group
+    assert {r["job_type"] for r in runs} == {"train"}
     assert sorted(r["name"].rsplit("-", 1)[1] for r in runs) == sorted(r["trial_id"] for r in rows)
     assert all(r.get("exit") == 0 for r in runs)
+    # each run's config is the trial's run, flat (what the dashboard groups by: config.model.n_layer)
+    layers = {r["trial_id"]: int(r["model.n_layer"]) for r in rows}
+    for r in runs:
+        c = r["config"]
+        assert c.get("model.n_layer") == layers[r["name"].rsplit("-", 1)[1]], c
+        assert (c.get("family"), c.get("task.d"), c.get("task.ks"), c.get("train.steps")) == ("gmm", 2, [2, 3], 30)
+    assert "metric val/l2 min" in out                 # the family's monitor, by default
     assert "[sweep tiny] 2 trials (2 COMPLETED)" in out
+    for r in rows:  # each trial trained the study's run with its value on top
+        run = json.loads((sdir / "trials" / r["trial_id"] / "params.json").read_text())
+        assert (run["family"], run["group"], run["model"]["n_layer"]) == ("gmm", "sweep-tiny", int(r["model.n_layer"]))
 
 
 # ------------------------------------------------------------------------------ (b) interrupt, --resume
 
 @pytest.mark.slow
 def test_interrupt_and_resume(tmp_path, sweep_env):
-    cwd, params, spec = _setup(tmp_path, _spec("resume", steps=600, layers=[1, 2, 3], max_concurrent=1))
+    cwd, params, spec = _setup(tmp_path, _spec("resume", steps=RESUME_STEPS, layers=[1, 2, 3], max_concurrent=1,
+                                              every=EVERY))
     sdir = cwd / "out" / "sweeps" / "resume"
     exp = sdir / "ray" / "resume"
     log = open(tmp_path / "run1.log", "w")
@@ -256,7 +286,7 @@ def test_interrupt_and_resume(tmp_path, sweep_env):
     assert sum(r.get("name", "").endswith(first_id) for r in runs) == 1
     # The interrupted trial continued from its last Tune checkpoint, not from step 0.
     att = _attempts(sdir, second)
-    assert len(att) == 2 and att[0]["restored_step"] is None and att[1]["restored_step"] >= 10
+    assert len(att) == 2 and att[0]["restored_step"] is None and att[1]["restored_step"] >= EVERY
     assert int(rows[second]["restored_step"]) == att[1]["restored_step"]
     third = (set(rows) - {first_id, second}).pop()
     assert len(_attempts(sdir, third)) == 1
@@ -278,7 +308,8 @@ def test_two_node_cluster_survives_losing_the_worker(tmp_path, sweep_env):
     from ray.cluster_utils import Cluster
 
     assert not ray_constants.ENABLE_RAY_CLUSTER, "ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"
-    cwd, params, spec = _setup(tmp_path, _spec("nodeloss", steps=800, layers=[1, 2], max_concurrent=2))
+    cwd, params, spec = _setup(tmp_path, _spec("nodeloss", steps=NODELOSS_STEPS, layers=[1, 2], max_concurrent=2,
+                                              every=EVERY))
     sdir = cwd / "out" / "sweeps" / "nodeloss"
     exp = sdir / "ray" / "nodeloss"
     cluster = None
@@ -318,12 +349,12 @@ def test_two_node_cluster_survives_losing_the_worker(tmp_path, sweep_env):
 
         rows = {r["trial_id"]: r for r in _rows(sdir)}
         assert len(rows) == 2 and {r["status"] for r in rows.values()} == {"COMPLETED"}, rows
-        assert all(r["step"] == "800" for r in rows.values())
+        assert all(r["step"] == str(NODELOSS_STEPS) for r in rows.values())
         att = _attempts(sdir, victim)
         assert len(att) == 2, att
         assert att[0]["node_id"] == worker_id and att[1]["node_id"] == head_id  # retried on the surviving node
-        assert att[1]["restored_step"] >= 10                                     # ... from its checkpoint
-        assert int(rows[victim]["num_failures"]) >= 1 and int(rows[victim]["restored_step"]) >= 10
+        assert att[1]["restored_step"] >= EVERY                                  # ... from its checkpoint
+        assert int(rows[victim]["num_failures"]) >= 1 and int(rows[victim]["restored_step"]) >= EVERY
     finally:
         if proc is not None:
             _stop(proc)

@@ -1,7 +1,8 @@
 """Sweep files: malformed ones rejected with one line naming the file and the key (CLI exit 2,
-before Ray starts); the shipped specs (and their commented cluster grids) validate; the Tune
-reporting callback checkpoints every ckpt_every steps and its checkpoint resumes exactly.
-No Ray instance is started here."""
+before Ray starts); a sweep names its study (and unit), its keys are the keys of that network's
+run (task.*, model.*, train.*) and its default metric is the family's monitor; the shipped specs
+(and their commented cluster grids) validate; the Tune reporting callback checkpoints every
+ckpt_every steps and its checkpoint resumes exactly. No Ray instance is started here."""
 from __future__ import annotations
 
 import copy
@@ -16,15 +17,17 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import from_dict, load
+from pipeline.core import plan as P
+from pipeline.core.config import RunConfig, load
 from pipeline.tuning import spec as S
+from tests.conftest import make_run
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = ["depth", "width", "heads", "sample_size"]
 
 VALID = {
     "name": "t",
-    "d": 2,
+    "study": "tgmm",
     "base": {"task.ks": [2, 3], "task.n0": 16, "model.n_embd": 16, "model.n_head": 2, "train.steps": 20,
              "train.ckpt_every": 10, "train.val_every": 10, "train.warmup_steps": 1, "train.accelerator": "cpu"},
     "params": {"model.n_layer": {"grid": [1, 2]}},
@@ -35,9 +38,23 @@ VALID = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny networks: one intra-op thread is fastest, and much faster on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def cfg():
     return load(REPO / "params.yaml")
+
+
+@pytest.fixture(scope="module")
+def paper_cfg():
+    return load(REPO / "params.yaml", profile="paper")
 
 
 def _write(tmp_path: Path, data, name="bad.yaml") -> Path:
@@ -59,14 +76,30 @@ def _mutate(**changes) -> dict:
 _DROP = object()
 
 # (id, spec dict or raw text, key the message must name, words it must contain)
+NOT_A_RUN_KEY = "not a key of the study's runs (task.*, model.*, train.*)"
 MALFORMED = [
     ("unknown-top-key", _mutate(sweeps=3), "sweeps", "unknown key"),
     ("typo-top-key-suggests", _mutate(metrc="val/l2"), "metrc", "did you mean metric"),
-    ("param-not-in-params", _mutate(params={"model.n_layers": {"grid": [1, 2]}}), "params.model.n_layers",
-     "not a params.yaml key (did you mean model.n_layer?)"),
-    ("param-is-a-section", _mutate(params={"model": {"grid": [1]}}), "params.model", "not a params.yaml key"),
-    ("base-key-not-in-params", _mutate(base={**VALID["base"], "train.stepz": 3}), "base.train.stepz",
-     "not a params.yaml key"),
+    ("old-d-key", _mutate(d=2), "d", "unknown key (allowed: name, description, study, unit"),
+    ("no-study", _mutate(study=_DROP), "study", "None: a sweep names its study (choose one of: tgmm, robustness, "
+     "ablation, linreg)"),
+    ("unknown-study", _mutate(study="tgm"), "study", "'tgm': a sweep names its study"),
+    ("unknown-unit", _mutate(unit="d3"), "unit", "'d3' is not a network of study tgmm (choose one of: d2, d8)"),
+    ("unit-of-another-study", _mutate(unit="n0_32"), "unit", "'n0_32' is not a network of study tgmm"),
+    ("unit-not-a-name", _mutate(unit=["d2"]), "unit", "is not a network of study tgmm"),
+    ("param-not-a-run-key", _mutate(params={"model.n_layers": {"grid": [1, 2]}}), "params.model.n_layers",
+     f"{NOT_A_RUN_KEY} (did you mean model.n_layer?)"),
+    ("param-is-a-section", _mutate(params={"model": {"grid": [1]}}), "params.model", NOT_A_RUN_KEY),
+    ("param-is-a-study-key", _mutate(params={"tgmm.n_tasks": {"grid": [8, 16]}}), "params.tgmm.n_tasks",
+     NOT_A_RUN_KEY),
+    ("base-key-not-a-run-key", _mutate(base={**VALID["base"], "train.stepz": 3}), "base.train.stepz",
+     f"{NOT_A_RUN_KEY} (did you mean train.steps?)"),
+    ("old-dims-key", _mutate(base={**VALID["base"], "task.dims": [2]}), "base.task.dims",
+     f"{NOT_A_RUN_KEY} (did you mean task.d?)"),
+    ("old-batch-key", _mutate(base={**VALID["base"], "train.batch_per_k": 8}), "base.train.batch_per_k",
+     "(did you mean train.batch_size?)"),
+    ("top-level-params-key", _mutate(base={**VALID["base"], "out_dir": "x"}), "base.out_dir", NOT_A_RUN_KEY),
+    ("other-family-key", _mutate(base={**VALID["base"], "task.n_points": 11}), "base.task.n_points", NOT_A_RUN_KEY),
     ("empty-grid", _mutate(params={"model.n_layer": {"grid": []}}), "params.model.n_layer.grid", "empty grid"),
     ("non-list-grid", _mutate(params={"model.n_layer": {"grid": 3}}), "params.model.n_layer.grid", "expected a list"),
     ("duplicate-grid-values", _mutate(params={"model.n_layer": {"grid": [1, 1]}}), "params.model.n_layer.grid",
@@ -88,20 +121,26 @@ MALFORMED = [
      "trial {model.n_head=3}: model.n_head: 3 does not divide model.n_embd=16"),
     ("grid-value-bad-type", _mutate(params={"model.n_layer": {"grid": [1, "two"]}}), "params",
      "model.n_layer: expected an integer"),
+    ("grid-value-family-rejects", _mutate(base={k: v for k, v in VALID["base"].items() if k != "task.n0"},
+                                          params={"task.n0": {"grid": [16, 4]}}), "params",
+     "trial {task.n0=4}: task.n0: must be >= 2*max(task.ks)=6"),
     ("base-value-rejected", _mutate(base={**VALID["base"], "model.n_head": 3}), "base", "model.n_head: 3 does not divide"),
     ("key-in-base-and-params", _mutate(base={**VALID["base"], "model.n_layer": 2}), "params.model.n_layer",
      "also set in base"),
     ("seed-is-managed", _mutate(params={"seed": {"grid": [0, 1]}}), "params.seed", "use the top-level `seeds`"),
-    ("dims-is-managed", _mutate(base={**VALID["base"], "task.dims": [2]}), "base.task.dims", "top-level `d`"),
+    ("family-is-managed", _mutate(base={**VALID["base"], "family": "linreg"}), "base.family", "set by the study"),
+    ("name-is-managed", _mutate(base={**VALID["base"], "name": "x"}), "base.name", "set by the sweep"),
     ("bad-mode", _mutate(mode="minimize"), "mode", "choose one of: min, max"),
     ("metric-not-produced", _mutate(metric="val/accuracy"), "metric", "not produced by training"),
-    ("metric-K-not-trained", _mutate(metric="val/l2/K=5"), "metric", "task.ks=[2, 3]"),
+    ("metric-of-another-family", _mutate(metric="val/mse"), "metric",
+     "'val/mse' is not produced by training this run (choose one of: val/l2, train/loss, val/l2/K=2"),
+    ("metric-K-not-trained", _mutate(metric="val/l2/K=5"), "metric", "train/l2/K=3)"),
+    ("metric-not-a-string", _mutate(metric=3), "metric", "expected a metric name"),
     ("negative-num-samples", _mutate(num_samples=-1), "num_samples", "must be >= 1"),
     ("zero-max-concurrent", _mutate(max_concurrent=0), "max_concurrent", "must be >= 1"),
     ("float-num-samples", _mutate(num_samples=1.5), "num_samples", "expected an integer"),
     ("empty-seeds", _mutate(seeds=[]), "seeds", "non-empty list"),
     ("negative-seed", _mutate(seeds=[0, -1]), "seeds", ">= 0"),
-    ("bad-d", _mutate(d=0), "d", "positive integer"),
     ("bad-name", _mutate(name="a b/c"), "name", "letters"),
     ("bad-scheduler-type", _mutate(scheduler={"type": "hyperband"}), "scheduler.type", "not supported"),
     ("scheduler-unknown-key", _mutate(scheduler={"type": "asha", "patience": 3}), "scheduler.patience", "unknown key"),
@@ -156,14 +195,73 @@ def test_resources_beyond_machine(tmp_path, cfg):
 def test_valid_spec_and_trial_params(tmp_path, cfg):
     spec = S.load_spec(_write(tmp_path, _mutate(seeds=[0, 1], num_samples=2)), cfg)
     assert spec.param_keys == ["model.n_layer"] and spec.n_trials() == 2 * 2 * 2
-    p = S.trial_params(cfg.to_dict(), spec.base, {"model.n_layer": 2}, 1, spec.d, out_dir="/abs/out")
-    c = from_dict(p)
-    assert (c.model.n_layer, c.seed, c.task.dims, c.out_dir, c.train.steps) == (2, 1, [2], "/abs/out", 20)
+    assert (spec.study, spec.unit, spec.family, spec.metric) == ("tgmm", "d2", "gmm", "val/l2")
+    # every trial starts from the unit's run as the plan resolves it (the network `dvc repro` trains)
+    planned = P.resolve(cfg).run_of("tgmm", "d2").to_dict()
+    assert spec.run == {k: v for k, v in planned.items() if k not in ("name", "group")}
+    p = S.trial_params(spec.run, spec.base, {"model.n_layer": 2}, 1)
+    run = RunConfig.from_dict(p)
+    assert (run.family, run.model.n_layer, run.seed, run.task.d, run.task.ks, run.task.n0, run.train.steps) == \
+        ("gmm", 2, 1, 2, [2, 3], 16, 20)
+    assert run.train.lr == cfg.train.lr and run.task.k_embd == cfg.task["gmm"].k_embd  # not in base: the study's
+    trial = S.trial_run(spec, {"model.n_layer": 2}, 1, "abc12")
+    assert trial.identity() == run.identity()
+    assert (trial.name, trial.group) == ("t-abc12", S.sweep_group("t")) == ("t-abc12", "sweep-t")
     # nested base is the same as dotted base
     nested = _mutate(base={"task": {"ks": [2, 3], "n0": 16}, "model": {"n_embd": 16, "n_head": 2},
                            "train": {"steps": 20, "ckpt_every": 10, "val_every": 10, "warmup_steps": 1,
                                      "accelerator": "cpu"}})
     assert S.load_spec(_write(tmp_path, nested, "n.yaml"), cfg).base == spec.base
+    # the default metric is the family's monitor
+    assert S.load_spec(_write(tmp_path, _mutate(metric=_DROP), "m.yaml"), cfg).metric == "val/l2"
+
+
+def test_unit_picks_the_network(tmp_path, cfg):
+    """`unit` names one of the study's networks: its overrides (d, a backbone) are every trial's."""
+    spec = S.load_spec(_write(tmp_path, _mutate(unit="d8")), cfg)
+    assert spec.unit == "d8" and spec.run["task"]["d"] == 8
+    assert S.trial_run(spec, {"model.n_layer": 1}, 0).task.d == 8
+    data = _mutate(study="ablation", unit="lstm", base={k: v for k, v in VALID["base"].items()
+                                                         if k != "model.n_head"})
+    spec = S.load_spec(_write(tmp_path, data, "a.yaml"), cfg)
+    assert (spec.family, spec.run["model"]["backbone"]) == ("gmm", "lstm")
+    assert spec.run["model"] == P.resolve(cfg).run_of("ablation", "lstm").to_dict()["model"]
+    assert S.trial_run(spec, {"model.n_layer": 2}, 0).model.backbone == "lstm"
+
+
+LINREG_BASE = {"model.n_layer": 1, "model.n_embd": 16, "model.n_head": 2, "train.steps": 20, "train.batch_size": 4,
+               "train.ckpt_every": 10, "train.val_every": 10, "train.warmup_steps": 1, "train.accelerator": "cpu",
+               "task.curriculum_every": 5}
+
+
+def test_linreg_sweep_defaults_to_its_monitor(tmp_path, cfg):
+    """A sweep of a linreg-family study: its keys are linreg run keys, its default metric val/mse."""
+    data = {"name": "lr", "study": "linreg", "base": dict(LINREG_BASE),
+            "params": {"train.lr": {"loguniform": [1.0e-4, 1.0e-2]}, "task.n_points": {"grid": [7, 11]}},
+            "seeds": [0, 1], "num_samples": 2}
+    spec = S.load_spec(_write(tmp_path, data, "lr.yaml"), cfg)
+    assert (spec.study, spec.unit, spec.family, spec.metric, spec.mode) == ("linreg", "main", "linreg", "val/mse", "min")
+    assert spec.n_trials() == 2 * 2 * 2
+    run = S.trial_run(spec, {"train.lr": 3e-3, "task.n_points": 7}, 1)
+    assert (run.family, run.task.n_points, run.train.lr, run.train.steps, run.seed) == ("linreg", 7, 3e-3, 20, 1)
+    assert run.model.position == "gpt2"  # the linreg study's own override, kept
+    assert "val/mse" in S.produced_metrics(run) and "train/mse" in S.produced_metrics(run)
+    assert not any("/K=" in m for m in S.produced_metrics(run))  # one read-out: no per-group metrics
+    # a gmm metric or a gmm key is not one of a linreg run's
+    for bad, key, words in [({"metric": "val/l2"}, "metric", "'val/l2' is not produced by training this run "
+                             "(choose one of: val/mse, train/loss, train/mse)"),
+                            ({"base": {**LINREG_BASE, "task.ks": [2, 3]}}, "base.task.ks", NOT_A_RUN_KEY),
+                            ({"unit": "d2"}, "unit", "'d2' is not a network of study linreg (choose one of: main)")]:
+        path = _write(tmp_path, {**data, **bad}, "bad_lr.yaml")
+        with pytest.raises(S.SpecError) as e:
+            S.load_spec(path, cfg)
+        assert str(e.value).startswith(f"{path}: {key}: ") and words in str(e.value), str(e.value)
+    # the linreg curriculum and positions are checked per trial too
+    bad = {**data, "params": {"task.n_points": {"grid": [7, 2000]}}}
+    path = _write(tmp_path, bad, "bad_lr2.yaml")
+    with pytest.raises(S.SpecError, match=r"params: trial \{task.n_points=2000\}: model.max_len: 1024 is shorter") as e:
+        S.load_spec(path, cfg)
+    assert "\n" not in str(e.value)
 
 
 def test_param_space(tmp_path, cfg):
@@ -184,71 +282,109 @@ def test_param_space(tmp_path, cfg):
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_specs_validate(name, cfg):
     spec = S.load_spec(REPO / "sweeps" / f"{name}.yaml", cfg)
-    assert spec.name == name
+    assert spec.name == name and (spec.study, spec.unit, spec.metric) == ("tgmm", "d2", "val/l2")
     assert spec.resources == {"cpu": 1, "gpu": 0}
     assert 3 <= spec.n_trials() <= 8
-    c = from_dict(S.trial_params(cfg.to_dict(), spec.base, {}, 0, spec.d))
-    assert c.train.steps <= 400 and c.task.ks == [2, 3] and c.train.accelerator == "cpu"
+    run = S.trial_run(spec, {}, 0)
+    assert run.train.steps <= 400 and run.task.ks == [2, 3] and run.train.accelerator == "cpu"
     grid = {p.key: list(p.args) for p in spec.params}
     if name == "sample_size":
         assert grid == {"task.n0": [32, 64, 128]}
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_cluster_grids_validate(tmp_path, name):
+def test_shipped_cluster_grids_validate(tmp_path, paper_cfg, name):
     """The commented paper-scale grid at the end of each shipped spec is a valid spec too."""
     text = (REPO / "sweeps" / f"{name}.yaml").read_text().splitlines()
     start = next(i for i, ln in enumerate(text) if ln.startswith("# name: "))
     body = "\n".join(ln[2:] for ln in text[start:] if ln.startswith("# "))
-    path = _write(tmp_path, body, f"{name}_paper.yaml")
-    spec = S.load_spec(path, load(REPO / "params.yaml", profile="paper"))
-    assert spec.resources["gpu"] == 1 and spec.d == 8 and spec.n_trials() >= 12
+    path = _write(tmp_path, body, f"{name}_paper.yaml")  # what "copy to sweeps/<name>_paper.yaml" gives
+    spec = S.load_spec(path, paper_cfg)
+    assert spec.study == yaml.safe_load((REPO / "sweeps" / f"{name}.yaml").read_text())["study"]
+    assert spec.resources["gpu"] == 1 and spec.unit == "d8" and spec.run["task"]["d"] == 8
+    assert spec.n_trials() >= 12 and S.trial_run(spec, {}, 0).train.accelerator == "gpu"
 
 
 # ------------------------------------------------------------------------------ CLI
 
-PROBE = ("import sys; from pipeline.__main__ import main; rc = main(sys.argv[1:]); "
-         "print('ray-imported' if 'ray' in sys.modules else 'no-ray'); sys.exit(rc)")
+# Several CLI invocations in one fresh process (each `main(argv)` call with its own stdout/stderr),
+# recording after each whether `ray` has been imported: one interpreter start instead of one per call.
+PROBE = r"""
+import contextlib, io, json, sys
+from pipeline.__main__ import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    o, e = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+        try:
+            rc = main(argv)
+        except SystemExit as x:
+            rc = x.code
+    out.append({"rc": rc, "stdout": o.getvalue(), "stderr": e.getvalue(), "ray": "ray" in sys.modules})
+print(json.dumps(out))
+"""
 
-
-def _cli(args, tmp_path, **env):
-    e = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(tmp_path / "t"), **env)
-    (tmp_path / "t").mkdir(exist_ok=True)
-    return subprocess.run([sys.executable, "-c", PROBE, *args], cwd=REPO, env=e, capture_output=True, text=True,
-                          timeout=120)
-
-
-@pytest.mark.parametrize("data,key", [
-    (_mutate(params={"model.n_layers": {"grid": [1]}}), "params.model.n_layers"),
-    (_mutate(params={"model.n_layer": {"grid": []}}), "params.model.n_layer.grid"),
-    (_mutate(resources={"cpu": 4096}), "resources.cpu"),
-    (_mutate(resources={"cpu": 1, "gpu": 1}), "resources.gpu"),
-], ids=["unknown-param", "empty-grid", "too-many-cpus", "gpu-on-cpu-machine"])
-def test_cli_exits_2_with_one_line_before_ray(tmp_path, data, key):
-    if key == "resources.gpu" and torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    path = _write(tmp_path, data)
-    r = _cli(["sweep", str(path)], tmp_path)
-    assert r.returncode == 2, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith(f"error: {path}: {key}:"), lines[0]
-    assert r.stdout.strip() == "no-ray"          # Ray was never imported, let alone started
-    assert not (tmp_path / "t" / "ray").exists()
-
-
-def test_cli_check_ok_and_bad_flags(tmp_path):
-    r = _cli(["sweep", "sweeps/depth.yaml", "--check"], tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "sweeps/depth.yaml: ok (6 trials" in r.stdout and r.stdout.strip().endswith("no-ray")
-    r = _cli(["sweep", "sweeps/depth.yaml", "--max-concurrent", "0"], tmp_path)
-    assert r.returncode == 2 and r.stderr.strip() == "error: --max-concurrent: must be >= 1, got 0"
-    r = _cli(["sweep", "sweeps/depth.yaml", "--resume", "--fresh"], tmp_path)
-    assert r.returncode == 2 and "exclude each other" in r.stderr
+CLI_BAD = {  # id: (sweep file, the key the one-line error names)
+    "unknown-run-key": (_mutate(params={"model.n_layers": {"grid": [1]}}), "params.model.n_layers"),
+    "unknown-study": (_mutate(study="nope"), "study"),
+    "too-many-cpus": (_mutate(resources={"cpu": 4096}), "resources.cpu"),
+    "gpu-on-cpu-machine": (_mutate(resources={"cpu": 1, "gpu": 1}), "resources.gpu"),
+}
+CLI_FLAGS = {
+    "check": ["sweep", "sweeps/depth.yaml", "--check"],
+    "max-concurrent-0": ["sweep", "sweeps/depth.yaml", "--max-concurrent", "0"],
+    "resume-and-fresh": ["sweep", "sweeps/depth.yaml", "--resume", "--fresh"],
     # a --set that makes the shipped spec invalid is caught against the overridden params
-    r = _cli(["--set", "train.devices=2", "--set", "train.strategy=ddp", "sweep", "sweeps/heads.yaml", "--check"],
-             tmp_path)
-    assert r.returncode == 2 and r.stderr.startswith("error: sweeps/heads.yaml: base: train.devices: "), r.stderr
+    "set-ddp": ["--set", "train.devices=2", "--set", "train.strategy=ddp", "sweep", "sweeps/heads.yaml", "--check"],
+}
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory) -> dict:
+    """Every CLI case above, run in one fresh process on params.yaml with only the tgmm study listed
+    (the shipped sweeps' study; the ablation's matched widths would only add seconds)."""
+    root = tmp_path_factory.mktemp("cli")
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump({**data, "studies": ["tgmm"]}))
+    cases = {k: ["sweep", str(_write(root, spec, f"{k}.yaml"))] for k, (spec, _) in CLI_BAD.items()}
+    cases.update(CLI_FLAGS)
+    (root / "t").mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO), TMPDIR=str(root / "t"))
+    argvs = [["--params", str(params), *argv] for argv in cases.values()]
+    r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argvs)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = dict(zip(cases, json.loads(r.stdout.strip().splitlines()[-1])))
+    for res in results.values():
+        res["ray_dir"] = (root / "t" / "ray").exists()
+    return {"root": root, **results}
+
+
+@pytest.mark.parametrize("case", list(CLI_BAD))
+def test_cli_exits_2_with_one_line_before_ray(cli_runs, case):
+    if case == "gpu-on-cpu-machine" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r, key = cli_runs[case], CLI_BAD[case][1]
+    assert r["rc"] == 2, r["stderr"]
+    lines = [ln for ln in r["stderr"].splitlines() if ln.strip()]
+    assert len(lines) == 1, r["stderr"]
+    assert lines[0].startswith(f"error: {cli_runs['root'] / case}.yaml: {key}:"), lines[0]
+    assert not r["ray"]              # Ray was never imported, let alone started
+    assert not r["ray_dir"]
+
+
+def test_cli_check_ok_and_bad_flags(cli_runs):
+    r = cli_runs["check"]
+    assert r["rc"] == 0, r["stderr"]
+    assert "sweeps/depth.yaml: ok (6 trials" in r["stdout"] and "metric val/l2 min" in r["stdout"]
+    r = cli_runs["max-concurrent-0"]
+    assert r["rc"] == 2 and r["stderr"].strip() == "error: --max-concurrent: must be >= 1, got 0"
+    r = cli_runs["resume-and-fresh"]
+    assert r["rc"] == 2 and "exclude each other" in r["stderr"]
+    r = cli_runs["set-ddp"]
+    assert r["rc"] == 2 and r["stderr"].startswith("error: sweeps/heads.yaml: base: train.devices: "), r["stderr"]
+    assert not any(cli_runs[k]["ray"] for k in CLI_FLAGS)  # --check and flag errors import no Ray either
 
 
 # ------------------------------------------------------------------------------ the reporting callback
@@ -272,35 +408,29 @@ class _FakeTune:
         return Checkpoint.from_directory(str(self.restore_from)) if self.restore_from else None
 
 
-def _tiny(tmp_path, steps=20) -> dict:
-    return {"seed": 0, "out_dir": str(tmp_path / "o"), "task": {"dims": [2], "ks": [2, 3], "n0": 16},
-            "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "k_embd": 4},
-            "train": {"steps": steps, "batch_per_k": 4, "warmup_steps": 1, "ckpt_every": 4, "val_every": 2,
-                      "log_every": 1, "val_tasks": 4, "accelerator": "cpu"},
-            "wandb": {"mode": "disabled"}}
-
-
 def test_reporter_checkpoints_every_ckpt_every_and_resumes_exactly(tmp_path, monkeypatch):
     import ray.tune
 
-    from pipeline.training.train import train, training_fingerprint
+    from pipeline.core.fingerprint import fingerprint
+    from pipeline.core.train import train
     from pipeline.tuning import trial as T
 
-    cfg = from_dict(_tiny(tmp_path))
-    fp = training_fingerprint(cfg, 2)
+    run = make_run("gmm", train={"steps": 12, "ckpt_every": 4, "val_every": 2})
+    fp = fingerprint(run)
     fake = _FakeTune(tmp_path)
     monkeypatch.setattr(ray.tune, "report", fake.report)
     (tmp_path / "a").mkdir()
-    rep = T.TuneReporter(every=4, max_steps=20, metric="val/l2", workdir=tmp_path / "a", fingerprint=fp)
-    full = train(cfg, 2, tmp_path / "a", callbacks=[rep], track=False, progress_bar=False)
+    rep = T.TuneReporter(every=4, max_steps=12, metric="val/l2", workdir=tmp_path / "a", fingerprint=fp)
+    full = train(run, tmp_path / "a", callbacks=[rep], track=False, progress_bar=False)
     ckpt_steps = [m["step"] for m, c in fake.reports if c is not None]
     all_steps = [m["step"] for m, _ in fake.reports]
-    assert ckpt_steps == [4, 8, 12, 16]                      # every ckpt_every, the last step left to the trial
-    assert all_steps == [2, 4, 6, 8, 10, 12, 14, 16, 18]     # + every validation
+    assert ckpt_steps == [4, 8]                   # every ckpt_every, the last step (12) left to the trial
+    assert all_steps == [2, 4, 6, 8, 10]          # + every validation
     assert all("val/l2" in m and "val/l2/K=3" in m and m["final"] == 0 for m, _ in fake.reports)
     assert not list((tmp_path / "a").glob(".tune-ckpt-*"))  # temporary checkpoint dirs cleaned up
     kept = dict((m["step"], c) for m, c in fake.reports if c is not None)[8]
     assert sorted(p.name for p in kept.iterdir()) == ["FINGERPRINT", "last.ckpt"]
+    assert (kept / "FINGERPRINT").read_text().strip() == fp
     assert torch.load(kept / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 8
 
     # A retried trial: Tune hands the step-8 checkpoint back; the trial restores it and train() resumes.
@@ -310,7 +440,7 @@ def test_reporter_checkpoints_every_ckpt_every_and_resumes_exactly(tmp_path, mon
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     (tmp_path / "b" / "checkpoints" / "last.ckpt").write_text("stale local state, never reported")
     assert T._restore_checkpoint(tmp_path / "b" / "checkpoints", fp) == 8
-    res = train(cfg, 2, tmp_path / "b", track=False, progress_bar=False)
+    res = train(run, tmp_path / "b", track=False, progress_bar=False)
     assert res.resumed_from_step == 8
     a, b = full.net.state_dict(), res.net.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)           # bitwise the uninterrupted run
@@ -322,26 +452,36 @@ def test_reporter_checkpoints_every_ckpt_every_and_resumes_exactly(tmp_path, mon
 
 # ------------------------------------------------------------------------------ a stored sweep
 
-def test_stored_sweep_needs_resume_or_fresh_and_matching_params(tmp_path, cfg):
+def test_stored_sweep_needs_resume_or_fresh_and_matching_params(tmp_path):
     """What the runner decides before Ray starts when a sweep of that name is already stored."""
     from pipeline.tuning import runner as R
 
-    c = from_dict({**cfg.to_dict(), "out_dir": str(tmp_path / "out")})
-    spec = S.load_spec(_write(tmp_path, VALID, "t.yaml"), c)
+    def params(*over):
+        return load(REPO / "params.yaml", [f"out_dir={tmp_path / 'out'}", *over])
+
+    c = params()
+    path = _write(tmp_path, VALID, "t.yaml")
+    spec = S.load_spec(path, c)
     exp = Path(R.experiment_path(c, spec, None))
     assert exp == tmp_path / "out" / "sweeps" / "t" / "ray" / "t"
     assert R._check_previous(spec, c, str(exp), resume=True, fresh=False) is False  # nothing stored: new sweep
     exp.mkdir(parents=True)
     (exp / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
     sdir = R.sweep_dir(c, spec)
-    (sdir / "sweep.json").write_text(json.dumps({"fingerprint": S.fingerprint(spec, c.to_dict())}))
+    (sdir / "sweep.json").write_text(json.dumps({"fingerprint": S.fingerprint(spec)}))
     with pytest.raises(S.SpecError, match="already stored .* pass --resume to continue it or --fresh"):
         R._check_previous(spec, c, str(exp), resume=False, fresh=False)
     assert R._check_previous(spec, c, str(exp), resume=True, fresh=False) is True
-    # other params than the stored sweep's: no silent mix
-    c2 = from_dict({**c.to_dict(), "train": {**c.to_dict()["train"], "lr": 0.5}})
+    # other params for the study's run than the stored sweep's: no silent mix
+    c2 = params("train.lr=0.5")
     with pytest.raises(S.SpecError, match="changed since the sweep"):
-        R._check_previous(spec, c2, str(exp), resume=True, fresh=False)
+        R._check_previous(S.load_spec(path, c2), c2, str(exp), resume=True, fresh=False)
+    c3 = params("tgmm.model={mlp_ratio: 2}")  # the study's own override of its networks counts too
+    with pytest.raises(S.SpecError, match="changed since the sweep"):
+        R._check_previous(S.load_spec(path, c3), c3, str(exp), resume=True, fresh=False)
+    # params that are not the trained run's (another study, the evaluation) do not count
+    c4 = params("linreg.n_tasks=7", "eval.chunk_size=8")
+    assert R._check_previous(S.load_spec(path, c4), c4, str(exp), resume=True, fresh=False) is True
     # execution knobs do not count
     spec.max_concurrent, spec.max_failures = 7, 0
     assert R._check_previous(spec, c, str(exp), resume=True, fresh=False) is True

@@ -1,5 +1,6 @@
-"""W&B tracking: mode resolution, offline runs written without any network, and a broken W&B never
-failing a training run. Online runs are never started: `online` is only ever *resolved*."""
+"""W&B tracking: mode resolution, offline runs written without any network (named and grouped as
+their run, the run's params as flat config), and a broken W&B never failing a training run.
+Online runs are never started: `online` is only ever *resolved*."""
 from __future__ import annotations
 
 import glob
@@ -14,8 +15,10 @@ import pytest
 
 from tests.wandb_log import wandb_records
 
-from pipeline.config import from_dict
-from pipeline.training import tracking
+import torch
+
+from pipeline.core import tracking
+from pipeline.core.config import from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "hunter2-not-a-real-token"
@@ -94,87 +97,98 @@ def test_auto_offline_with_unparsable_netrc(no_credentials):
     assert tracking.resolve_mode("auto") == "offline"
 
 
-def test_run_config_is_flat(tiny_cfg):
-    rc = tracking.run_config(tiny_cfg, d=2)
-    assert rc["train.lr"] == tiny_cfg.train.lr and rc["task.ks"] == [2, 3] and rc["d"] == 2
+def test_run_record_is_flat(tiny_run, tiny_linreg_run):
+    rc = tracking.run_record(tiny_run, trial="abc")
+    assert rc["train.lr"] == tiny_run.train.lr and rc["task.ks"] == [2, 3] and rc["task.d"] == 2
+    assert (rc["family"], rc["seed"], rc["name"], rc["group"], rc["trial"]) == ("gmm", 0, "tiny-gmm", "tests", "abc")
+    assert rc["model.n_layer"] == 1 and rc["train.batch_size"] == 4
     assert not any(isinstance(v, dict) for v in rc.values())
+    # every family's run: its own task keys, nothing of the other family's
+    lr = tracking.run_record(tiny_linreg_run)
+    assert lr["family"] == "linreg" and lr["task.n_points"] == 7 and lr["model.position"] == "gpt2"
+    assert "task.ks" not in lr and "task.n_points" not in rc
 
 
 # ------------------------------------------------------------------------------ make_logger
 
 def test_make_logger_disabled_returns_none(tiny_cfg, tmp_path, monkeypatch):
     save = tmp_path / "wb"
-    assert tracking.make_logger(tiny_cfg, "x", "train", save) is None  # env WANDB_MODE=disabled (conftest)
+    assert tracking.make_logger(tiny_cfg, "x", "train", save, "g") is None  # env WANDB_MODE=disabled (conftest)
+    assert tracking.make_logger(None, "x", "train", save, "g") is None      # default settings: the env still wins
     monkeypatch.delenv("WANDB_MODE")
     assert tiny_cfg.wandb.mode == "disabled"
-    assert tracking.make_logger(tiny_cfg, "x", "train", save) is None  # config says disabled
+    assert tracking.make_logger(tiny_cfg, "x", "train", save, "g") is None  # config says disabled
     assert not save.exists()
-    with tracking.tracked_run(tiny_cfg, "x", "eval", save) as logger:
+    with tracking.tracked_run(tiny_cfg, "x", "evaluate", save, "g") as logger:
         assert logger is None
 
 
-def test_online_failure_falls_back_to_offline_then_none(tiny_cfg, tmp_path, monkeypatch, no_credentials):
+def test_online_failure_falls_back_to_offline_then_none(tiny_params, tmp_path, monkeypatch, no_credentials):
     """Resolved online (fake key); wandb.init is faked, so nothing is ever sent."""
     import wandb
 
     monkeypatch.setenv("WANDB_API_KEY", "fake-key-only-resolved-never-used")
-    cfg = from_dict({**tiny_cfg.to_dict(), "wandb": {**tiny_cfg.to_dict()["wandb"], "mode": "auto"}})
+    cfg = from_dict({**tiny_params, "wandb": {"mode": "auto"}})
     attempts = []
 
     def fake_init(**kw):
-        attempts.append(kw.get("mode"))
+        attempts.append((kw.get("mode"), kw.get("group"), kw.get("job_type")))
         raise RuntimeError("simulated W&B outage\nsecond line")
 
     monkeypatch.setattr(wandb, "init", fake_init)
     with pytest.warns(UserWarning, match="init failed"):
-        assert tracking.make_logger(cfg, "x", "train", tmp_path / "wb") is None
-    assert attempts == ["online", "offline"]
+        assert tracking.make_logger(cfg, "x", "train", tmp_path / "wb", "tgmm") is None
+    assert attempts == [("online", "tgmm", "train"), ("offline", "tgmm", "train")]
     assert wandb.run is None
 
 
 # ------------------------------------------------------------------------------ offline runs
 
-def _offline_run_config(run_dir: Path) -> dict | None:
-    """The run's config: files/config.yaml if W&B wrote one, else the config records of the .wandb log
-    (None if the protobuf schema is unavailable)."""
-    cfg_file = run_dir / "files" / "config.yaml"
-    if cfg_file.is_file():
-        import yaml
+def _offline_run(run_dir: Path) -> dict:
+    """What an offline run recorded, read from its .wandb transaction log: name, group, job type,
+    exit code and config (files/config.yaml preferred for the config if W&B wrote one)."""
+    from wandb.proto import wandb_internal_pb2 as pb
 
-        raw = yaml.safe_load(cfg_file.read_text()) or {}
-        return {k: (v.get("value") if isinstance(v, dict) and "value" in v else v) for k, v in raw.items()}
-    try:
-        from wandb.proto import wandb_internal_pb2 as pb
-    except Exception:  # pragma: no cover - internal module moved
-        return None
-    out: dict = {}
+    info: dict = {"config": {}}
     (log,) = run_dir.glob("run-*.wandb")
     for raw in wandb_records(log):
         rec = pb.Record()
         rec.ParseFromString(raw)
         kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            info.update(name=rec.run.display_name, group=rec.run.run_group, job_type=rec.run.job_type)
+        elif kind == "exit":
+            info["exit"] = rec.exit.exit_code
         items = rec.run.config.update if kind == "run" else rec.config.update if kind == "config" else []
         for it in items:
-            out[it.key or "/".join(it.nested_key)] = json.loads(it.value_json)
-    return out
+            info["config"][it.key or "/".join(it.nested_key)] = json.loads(it.value_json)
+    cfg_file = run_dir / "files" / "config.yaml"
+    if cfg_file.is_file():
+        import yaml
+
+        raw = yaml.safe_load(cfg_file.read_text()) or {}
+        info["config"].update({k: (v.get("value") if isinstance(v, dict) and "value" in v else v)
+                               for k, v in raw.items()})
+    return info
 
 
-def _check_offline_run(out_dir: Path, lr: float, secret: str):
+def _check_offline_run(out_dir: Path, run, secret: str, model_dir: Path):
+    """One offline run in <out_dir>/wandb, named and grouped as `run`, its params as flat config."""
     wb = out_dir / "wandb"
     runs = sorted(wb.glob("offline-run-*"))
-    assert len(runs) == 1, sorted(p.name for p in wb.iterdir()) if wb.is_dir() else "no wandb dir"
+    assert len(runs) == 1, sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("offline-run-*"))
     run_dir = runs[0]
     logs = list(run_dir.glob("run-*.wandb"))
     assert len(logs) == 1 and logs[0].stat().st_size > 0
-    assert b"train.lr" in logs[0].read_bytes() or (run_dir / "files" / "config.yaml").is_file()
-    cfg = _offline_run_config(run_dir)
-    if cfg is not None:
-        assert cfg["train.lr"] == pytest.approx(lr)
-        assert cfg["d"] == 2
+    info = _offline_run(run_dir)
+    assert (info["name"], info["group"], info["job_type"], info.get("exit")) == (run.name, run.group, "train", 0)
+    cfg = info["config"]
+    assert cfg["train.lr"] == pytest.approx(run.train.lr)
+    assert (cfg["family"], cfg["task.d"], cfg["task.ks"], cfg["model.n_layer"]) == ("gmm", 2, [2, 3], 1)
     leaked = [str(p) for p in out_dir.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert not leaked, f"secret found in {leaked}"
     # The trained model was written too.
-    assert (out_dir / "train" / "d2" / "model.safetensors").is_file()
+    assert (model_dir / "model.safetensors").is_file()
 
 
 def _offline_params(tiny_params: dict) -> dict:
@@ -200,38 +214,51 @@ try:  # prove the sandbox: no route to the outside world
     sys.exit("network reachable inside the sandbox")
 except OSError:
     pass
-from pipeline.config import from_dict
-from pipeline.training.train import train
+import torch
+torch.set_num_threads(1)
+from pipeline.core.config import RunConfig, from_dict
+from pipeline.core.train import train
 cfg = from_dict(json.loads(sys.argv[1]), source="test")
-res = train(cfg, 2, out_dir=sys.argv[2], track=True, progress_bar=False)
+run = RunConfig.from_dict(json.loads(sys.argv[2]))
+res = train(run, sys.argv[3], track=True, progress_bar=False, tracking_cfg=cfg)
 assert res.model_path.is_file()
 print("TRAINED", res.metrics["global_step"])
 """
 
 
-def test_offline_run_without_network_namespace(tiny_params, tmp_path):
+@pytest.fixture
+def one_thread():
+    """Tiny networks train fastest on one intra-op thread (and far faster on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_offline_run_without_network_namespace(tiny_params, tiny_run, tmp_path):
     """Training with W&B offline inside `unshare -rn` (no network at all) writes an offline run."""
     if not _unshare_works():
         pytest.skip("unshare -rn is not available here")
     params = _offline_params(tiny_params)
     out = Path(params["out_dir"])
+    model_dir = out / "runs" / tiny_run.name  # the pipeline's layout: W&B runs in <out_dir>/wandb
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "MY_SECRET_TOKEN": SECRET,
            "WANDB_BASE_URL": UNROUTABLE, "HOME": str(tmp_path / "home")}
     env.pop("WANDB_API_KEY", None)
     (tmp_path / "home").mkdir()
     res = subprocess.run([shutil.which("unshare"), "-rn", sys.executable, "-c", _CHILD, json.dumps(params),
-                          str(out / "train" / "d2")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=180)
+                          json.dumps(tiny_run.to_dict()), str(model_dir)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "TRAINED 4" in res.stdout
-    _check_offline_run(out, tiny_params["train"].get("lr", 1e-3), SECRET)
+    _check_offline_run(out, tiny_run, SECRET, model_dir)
 
 
-def test_offline_run_in_process(tiny_params, tmp_path, monkeypatch):
+def test_offline_run_in_process(tiny_params, tiny_run, tmp_path, monkeypatch, one_thread):
     """Same, in this process, with W&B pointed at an unroutable server: offline never contacts it."""
     import wandb
 
-    from pipeline.training.train import train
+    from pipeline.core.train import train
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_BASE_URL", UNROUTABLE)
@@ -239,16 +266,35 @@ def test_offline_run_in_process(tiny_params, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     cfg = from_dict(_offline_params(tiny_params), source="test")
     out = Path(cfg.out_dir)
-    res = train(cfg, 2, out_dir=out / "train" / "d2", track=True, progress_bar=False)
+    model_dir = out / "runs" / tiny_run.name
+    res = train(tiny_run, model_dir, track=True, progress_bar=False, tracking_cfg=cfg)
     assert res.metrics["global_step"] == 4
     assert wandb.run is None  # finished
-    _check_offline_run(out, cfg.train.lr, SECRET)
+    _check_offline_run(out, tiny_run, SECRET, model_dir)
 
 
-def test_broken_wandb_does_not_fail_training(tiny_params, tmp_path, monkeypatch):
+def test_evaluation_run_is_grouped_by_study(tiny_params, tmp_path, monkeypatch):
+    """A study's evaluation: one offline run, group = the study, job type evaluate, flat metrics."""
     import wandb
 
-    from pipeline.training.train import train
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = from_dict(_offline_params(tiny_params), source="test")
+    save = Path(cfg.out_dir) / "wandb"
+    with tracking.tracked_run(cfg, "tgmm-evaluate", "evaluate", save, "tgmm") as logger:
+        assert logger is not None
+        logger.experiment.log({"tgmm/main/l2/d=2/K=2/em_paper": 0.25})
+    assert wandb.run is None
+    (run_dir,) = save.glob("offline-run-*")  # directly in <out_dir>/wandb
+    info = _offline_run(run_dir)
+    assert (info["name"], info["group"], info["job_type"], info.get("exit")) == ("tgmm-evaluate", "tgmm",
+                                                                                  "evaluate", 0)
+    assert b"tgmm/main/l2/d=2/K=2/em_paper" in next(run_dir.glob("run-*.wandb")).read_bytes()
+
+
+def test_broken_wandb_does_not_fail_training(tiny_params, tiny_run, tmp_path, monkeypatch, one_thread):
+    import wandb
+
+    from pipeline.core.train import train
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     calls = []
@@ -261,31 +307,48 @@ def test_broken_wandb_does_not_fail_training(tiny_params, tmp_path, monkeypatch)
     cfg = from_dict(_offline_params(tiny_params), source="test")
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match="init failed"):
-        res = train(cfg, 2, out_dir=out, track=True, progress_bar=False)
+        res = train(tiny_run, out, track=True, progress_bar=False, tracking_cfg=cfg)
     assert calls == ["offline"]
     assert res.metrics["global_step"] == 4
     assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()
     assert (out / "log" / "metrics.csv").is_file()
-    assert not glob.glob(str(Path(cfg.out_dir) / "wandb" / "offline-run-*"))
+    assert not glob.glob(str(tmp_path / "**" / "offline-run-*"), recursive=True)
     assert wandb.run is None
 
 
-def test_failed_setup_finishes_wandb_run(tiny_params, tmp_path, monkeypatch):
-    """A corrupt resume checkpoint makes train() fail before fit(): the W&B run must still be closed."""
+@pytest.mark.parametrize("failure", ["corrupt-checkpoint", "callback-raises"])
+def test_failed_training_finishes_wandb_run(tiny_params, tiny_run, tmp_path, monkeypatch, one_thread, failure):
+    """train() failing (a corrupt resume checkpoint; an error once the W&B run has started) never leaves
+    a W&B run open; a started run is closed as failed."""
+    import pytorch_lightning as pl
     import wandb
 
-    from pipeline.training.train import train, training_fingerprint
+    from pipeline.core.fingerprint import fingerprint
+    from pipeline.core.train import train
+
+    class Boom(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            raise RuntimeError("boom")
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = from_dict(_offline_params(tiny_params), source="test")
-    out = tmp_path / "run"
-    (out / "checkpoints").mkdir(parents=True)
-    (out / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
-    (out / "checkpoints" / "FINGERPRINT").write_text(training_fingerprint(cfg, 2) + "\n")
+    out = Path(cfg.out_dir) / "runs" / tiny_run.name
+    callbacks = []
+    if failure == "corrupt-checkpoint":
+        (out / "checkpoints").mkdir(parents=True)
+        (out / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
+        (out / "checkpoints" / "FINGERPRINT").write_text(fingerprint(tiny_run) + "\n")
+    else:
+        callbacks = [Boom()]
     try:
-        with pytest.raises(Exception):
-            train(cfg, 2, out_dir=out, track=True, progress_bar=False)
+        with pytest.raises(Exception) as e:
+            train(tiny_run, out, callbacks=callbacks, track=True, progress_bar=False, tracking_cfg=cfg)
         leaked = wandb.run is not None
     finally:
         tracking.finish()  # never let a leaked run reach the next test
     assert not leaked, "W&B run left open after a failed train()"
+    runs = sorted((Path(cfg.out_dir) / "wandb").glob("offline-run-*"))
+    if failure == "callback-raises":
+        assert "boom" in str(e.value)
+        assert len(runs) == 1 and _offline_run(runs[0]).get("exit") == 1  # started, then closed as failed
+    assert not (out / "model.safetensors").exists()

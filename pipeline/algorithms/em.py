@@ -5,7 +5,7 @@ log-likelihood per point changes by less than `tol`. One iteration is an E-step 
 with the same update formulas as sklearn's GaussianMixture (diag / spherical), so that the two
 agree from the same initialisation. Padded points (mask False) never enter a sum.
 
-Solvers (the `Solver` protocol of pipeline.tasks.base):
+Solvers (the `Solver` protocol of pipeline.core.family):
   * EMPaper  ("em_paper"):  the TGMM paper's protocol: uniform weights, means ~ N(0, I) (seeded),
     identity covariance, <= 100 iterations, tol 1e-7, one run. The N(0, I) start against means in
     U(-5, 5)^d handicaps it on purpose: that is the published baseline.
@@ -24,7 +24,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from pipeline.tasks.gmm import LOG_2PI, GMMBatch, GMMEstimate, make_generator
+from pipeline.core.rng import SOLVER, per_task_draws
+from pipeline.families.gmm.data import LOG_2PI, GMMBatch, GMMEstimate
 
 COVARIANCES = ("identity", "spherical", "diag")
 
@@ -179,8 +180,20 @@ def _sqdist(x: Tensor, x2sum: Tensor, c: Tensor) -> Tensor:
     return (x2sum[..., None] - 2 * x @ c.transpose(1, 2) + c.pow(2).sum(-1)[:, None, :]).clamp_min(0)
 
 
-def kmeans_plusplus(x: Tensor, mask: Tensor, K: int, generator: torch.Generator,
-                    n_local_trials: int | None = None) -> tuple[Tensor, Tensor]:
+def kmeans_uniforms(K: int, n_local_trials: int | None = None) -> int:
+    """How many U[0, 1) draws k-means++ uses per task: 1 + (K - 1) * L."""
+    L = 2 + int(math.log(K)) if n_local_trials is None else int(n_local_trials)
+    return 1 + (K - 1) * L
+
+
+def _inverse_cdf(p: Tensor, u: Tensor) -> Tensor:
+    """Indices drawn with probability proportional to p (B, N) >= 0, from uniforms u (B, L) -> (B, L)."""
+    c = p.cumsum(1)
+    return torch.searchsorted(c, (u * c[:, -1:]).contiguous(), right=True).clamp_max(p.shape[1] - 1)
+
+
+def kmeans_plusplus(x: Tensor, mask: Tensor, K: int, generator: torch.Generator | None = None,
+                    n_local_trials: int | None = None, uniforms: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Batched k-means++ seeding by D² sampling over the real points.
 
     x: (B, N, d), mask: (B, N) -> centers (B, K, d), indices (B, K) into N. The first center is
@@ -190,21 +203,30 @@ def kmeans_plusplus(x: Tensor, mask: Tensor, K: int, generator: torch.Generator,
     kept; None means sklearn's default 2 + floor(ln K), 1 the plain algorithm. Greedy matters in
     high d, where the noise part of D² (~2d) makes plain D² sampling often put two centers in one
     cluster. Padded points have probability 0; if D² is 0 on all real points, the draw is uniform.
+
+    The draws are inverse-CDF lookups of `uniforms` (B, 1 + (K-1)L) in [0, 1): pass per-task
+    uniforms (rng.per_task_draws) to make each task's seeding independent of its batch; without
+    them they are drawn from `generator`.
     """
     B, N, d = x.shape
     L = 2 + int(math.log(K)) if n_local_trials is None else int(n_local_trials)
+    if uniforms is None:
+        uniforms = torch.rand(B, kmeans_uniforms(K, L), generator=generator, device=x.device)
+    if uniforms.shape != (B, kmeans_uniforms(K, L)):
+        raise ValueError(f"uniforms: expected shape {(B, kmeans_uniforms(K, L))}, got {tuple(uniforms.shape)}")
+    uniforms = uniforms.to(x.dtype)
     x = _masked(x, mask)
     x2sum = x.pow(2).sum(-1)  # (B, N)
     maskf = mask.to(x.dtype)
     uniform = torch.where(mask.any(1, keepdim=True), maskf, torch.ones_like(maskf))  # an empty task: any index
     rows = torch.arange(B, device=x.device)
-    idx = torch.multinomial(uniform, 1, generator=generator)[:, 0]  # (B,)
+    idx = _inverse_cdf(uniform, uniforms[:, :1])[:, 0]  # (B,)
     indices, centers = [idx], [x[rows, idx]]
     d2 = _sqdist(x, x2sum, centers[0][:, None])[..., 0]  # (B, N)
-    for _ in range(1, K):
+    for j in range(1, K):
         p = d2 * maskf
         p = torch.where(p.sum(1, keepdim=True) > 0, p, uniform)
-        cand = torch.multinomial(p, L, replacement=True, generator=generator)  # (B, L)
+        cand = _inverse_cdf(p, uniforms[:, 1 + (j - 1) * L: 1 + j * L])  # (B, L)
         c = torch.gather(x, 1, cand[..., None].expand(-1, -1, d))  # (B, L, d)
         new_d2 = torch.minimum(d2[..., None], _sqdist(x, x2sum, c))  # (B, N, L)
         best = (new_d2 * maskf[..., None]).sum(1).argmin(1)  # (B,) candidate with the lowest potential
@@ -213,6 +235,11 @@ def kmeans_plusplus(x: Tensor, mask: Tensor, K: int, generator: torch.Generator,
         centers.append(x[rows, idx])
         d2 = new_d2[rows, :, best]
     return torch.stack(centers, 1), torch.stack(indices, 1)
+
+
+def _index(batch) -> Tensor:
+    """Each task's index in its evaluation set (0..B-1 for a batch that is not a slice)."""
+    return batch.task_index() if hasattr(batch, "task_index") else torch.arange(batch.B, device=batch.x.device)
 
 
 def _to_estimate(res: EMResult, extras: dict) -> GMMEstimate:
@@ -228,8 +255,9 @@ class EMPaper:
     On anisotropic tasks (covariance "diag" or "spherical") the same start with unit scales, and
     the scales are fitted too.
 
-    The start is drawn in float32 from make_generator(seed) on the batch's device, so it does not
-    depend on `dtype` (but CPU and CUDA generators give different streams).
+    Task i's start is drawn in float32 from make_generator(seed, SOLVER, i) (i = its index in the
+    evaluation set), so it depends neither on `dtype` nor on how the set is chunked (CPU and CUDA
+    generators give different streams).
     """
 
     def __init__(self, max_iter: int = 100, tol: float = 1e-7, seed: int = 0, name: str = "em_paper", *,
@@ -244,8 +272,8 @@ class EMPaper:
         dev = batch.x.device
         dt = self.dtype
         B, K, d = batch.B, batch.K, batch.d
-        g = make_generator(self.seed, device=dev)
-        means0 = torch.randn(B, K, d, generator=g, device=dev, dtype=torch.float32).to(dt)
+        means0 = per_task_draws(self.seed, _index(batch), lambda g: torch.randn(K, d, generator=g, device=dev),
+                                SOLVER, device=dev).to(dt)  # (B, K, d)
         weights0 = torch.full((B, K), 1.0 / K, dtype=dt, device=dev)
         scales0 = None if self.covariance == "identity" else torch.ones(B, K, d, dtype=dt, device=dev)
         res = em_fit(batch.x.to(dt), batch.mask, weights0, means0, scales0, covariance=self.covariance,
@@ -279,11 +307,12 @@ class EMStrong:
         dev = batch.x.device
         dt = self.dtype
         B, K, d, R = batch.B, batch.K, batch.d, self.restarts
-        g = make_generator(self.seed, device=dev)
-        # replicate: row r*B + b is restart r of task b
+        # replicate: row r*B + b is restart r of task b; task b's uniforms come from its own generator
         x = _masked(batch.x.to(dt), batch.mask).repeat(R, 1, 1)  # (R*B, N, d)
         mask = batch.mask.repeat(R, 1)
-        centers, _ = kmeans_plusplus(x, mask, K, g)
+        u = per_task_draws(self.seed, _index(batch), lambda g: torch.rand(R, kmeans_uniforms(K), generator=g,
+                                                                          device=dev), SOLVER, device=dev)
+        centers, _ = kmeans_plusplus(x, mask, K, uniforms=u.transpose(0, 1).reshape(R * B, -1))
         weights0 = torch.full((R * B, K), 1.0 / K, dtype=dt, device=dev)
         scales0 = None
         if self.covariance != "identity":

@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.tasks.gmm import GMMBatch, GMMEstimate, make_generator
+from pipeline.core.rng import SOLVER, per_task_draws
+from pipeline.families.gmm.data import GMMBatch, GMMEstimate
 
 
 def _unit(v: Tensor) -> Tensor:
@@ -47,19 +48,24 @@ def _t_vvv(T: Tensor, v: Tensor) -> Tensor:
     return (_t_ivv(T, v) * v).sum(-1)
 
 
-def tensor_power_decomposition(T: Tensor, n_components: int, generator: torch.Generator, n_restarts: int = 10,
-                               n_iter: int = 100) -> tuple[Tensor, Tensor]:
+def tensor_power_decomposition(T: Tensor, n_components: int, generator: torch.Generator | None = None,
+                               n_restarts: int = 10, n_iter: int = 100,
+                               starts: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Robust tensor power method with deflation for symmetric T (B, K, K, K), batched.
 
     Per component: `n_restarts` random unit starts, `n_iter` power steps each, keep the start with
     the largest T(v, v, v), `n_iter` more steps from it, then deflate T -= lambda v⊗v⊗v.
-    Returns eigenvalues (B, n_components) and eigenvectors (B, n_components, K).
+    Returns eigenvalues (B, n_components) and eigenvectors (B, n_components, K). `starts`
+    (B, n_components, n_restarts, K) are the raw Gaussian starts (per task, see Spectral); without
+    them they are drawn from `generator`.
     """
     B, K = T.shape[0], T.shape[1]
     rows = torch.arange(B, device=T.device)
     lams, vecs = [], []
-    for _ in range(n_components):
-        v = _unit(torch.randn(B, n_restarts, K, generator=generator, device=T.device, dtype=T.dtype))
+    for c in range(n_components):
+        raw = starts[:, c] if starts is not None else torch.randn(B, n_restarts, K, generator=generator,
+                                                                  device=T.device, dtype=T.dtype)
+        v = _unit(raw.to(T.dtype))
         for _ in range(n_iter):
             v = _unit(_t_ivv(T, v))
         best = _t_vvv(T, v).argmax(1)  # (B,)
@@ -119,8 +125,10 @@ class Spectral:
                 + m[:, None, None, :] * G[:, :, :, None])
         T = T - sigma2[:, None, None, None] * corr
 
-        g = make_generator(self.seed, device=dev)
-        lam, v = tensor_power_decomposition(T, K, g, self.n_restarts, self.n_iter)  # (B, K), (B, K, K)
+        index = batch.task_index() if hasattr(batch, "task_index") else torch.arange(B, device=dev)
+        starts = per_task_draws(self.seed, index, lambda g: torch.randn(K, self.n_restarts, K, generator=g, device=dev,
+                                                                       dtype=dt), SOLVER, device=dev)
+        lam, v = tensor_power_decomposition(T, K, None, self.n_restarts, self.n_iter, starts=starts)
         means = lam[:, :, None] * (v @ W_pinv_T.transpose(1, 2))  # (B, K, d): lam_k (W^T)^+ v_k
         w = 1.0 / lam.pow(2).clamp_min(eps)
         w = torch.where(torch.isfinite(w), w, torch.zeros_like(w)).clamp_min(0)

@@ -23,7 +23,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor, nn
 
-from pipeline.config import BACKBONES, ModelConfig
+from pipeline.core.config import BACKBONES, ModelConfig
 
 
 class Backbone(Protocol):

@@ -1,5 +1,5 @@
 """Ray Tune sweeps over params.yaml keys (sweeps/<name>.yaml), each trial one call of the one
-training function `pipeline.training.train.train`.
+training function `pipeline.core.train.train`.
 
     spec.py     parse + validate a sweep file (no ray import): load_spec(path, cfg) -> SweepSpec
     trial.py    the Tune trainable (run_trial) and the TuneReporter Lightning callback

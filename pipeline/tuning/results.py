@@ -12,7 +12,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from pipeline.config import Config
+from pipeline.core.config import Config
 from pipeline.tuning.spec import SweepSpec
 
 TABLE_CSV, TABLE_JSON = "results.csv", "results.json"
@@ -121,7 +121,7 @@ def write(rows: list[dict], spec: SweepSpec, sdir: Path, cfg: Config | None = No
         counts[r["status"]] += 1
     json_path = sdir / TABLE_JSON
     json_path.write_text(json.dumps({
-        "sweep": spec.name, "description": spec.description, "spec": spec.path, "d": spec.d,
+        "sweep": spec.name, "description": spec.description, "spec": spec.path, "study": spec.study, "unit": spec.unit,
         "params": spec.param_keys, "seeds": spec.seeds, "metric": spec.metric, "mode": spec.mode,
         "status_counts": dict(counts), "best": best_row(rows, spec), "trials": rows,
     }, indent=2, default=str) + "\n")
@@ -131,7 +131,10 @@ def write(rows: list[dict], spec: SweepSpec, sdir: Path, cfg: Config | None = No
 # ----------------------------------------------------------------------------------------- plots
 
 def _families(spec: SweepSpec) -> list[str]:
-    fams = ["val/l2"]
+    """The metrics plotted: the family's monitor (e.g. val/l2, val/mse) and the sweep's metric."""
+    from pipeline.core import family as F
+
+    fams = [F.get(spec.family).monitor]
     m = spec.metric.split("/K=")[0]
     if m not in fams:
         fams.append(m)
@@ -234,7 +237,7 @@ def plot(rows: list[dict], spec: SweepSpec, sdir: Path) -> list[Path]:
             n_seeds = len({r["seed"] for r in done})
             spread = "mean ± sd over seeds" if n_seeds > 1 else "1 seed, no spread"
             extra = "; other params pooled" if aggregated else ""
-            fig.suptitle(f"sweep {spec.name}: {family} vs {p.key} (d={spec.d}, {spread}{extra})", fontsize=10)
+            fig.suptitle(f"sweep {spec.name}: {family} vs {p.key} ({spec.study}/{spec.unit}, {spread}{extra})", fontsize=10)
             fig.tight_layout()
             out = sdir / f"{family.replace('/', '_')}_vs_{p.key}.png"
             fig.savefig(out, dpi=110)

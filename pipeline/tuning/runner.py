@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import Config
+from pipeline.core.config import Config
 from pipeline.tuning.spec import SpecError, SweepSpec, check_resources, fingerprint, sweep_group
 
 LOOPBACK = "127.0.0.1"
@@ -161,10 +161,9 @@ def build_trainable(spec: SweepSpec, cfg: Config, sdir: Path):
 
     from pipeline.tuning.trial import run_trial
 
-    params = cfg.to_dict()
-    params["out_dir"] = str(Path(cfg.out_dir).expanduser().resolve())
-    context = {"name": spec.name, "sweep_dir": str(sdir), "params": params, "base": dict(spec.base),
-               "param_keys": spec.param_keys, "d": spec.d, "cpu": spec.resources["cpu"],
+    context = {"name": spec.name, "sweep_dir": str(sdir), "run": spec.run, "base": dict(spec.base),
+               "tracking": cfg,
+               "param_keys": spec.param_keys, "cpu": spec.resources["cpu"],
                "metric": spec.metric, "wandb_group": sweep_group(spec.name)}
     trainable = tune.with_parameters(run_trial, context=context)
     return tune.with_resources(trainable, {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]})
@@ -195,7 +194,7 @@ def build_scheduler(spec: SweepSpec, cfg: Config):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    steps = int(spec.base.get("train.steps", cfg.train.steps))
+    steps = int(spec.base.get("train.steps", spec.run["train"]["steps"]))  # the study's run, not the base `train`
     for p in spec.params:
         if p.key == "train.steps":
             steps = max(int(v) for v in p.candidate_values())
@@ -248,7 +247,7 @@ def _check_previous(spec: SweepSpec, cfg: Config, exp: str, *, resume: bool, fre
         stamp = sdir / "sweep.json"
         if stamp.is_file():
             old = json.loads(stamp.read_text()).get("fingerprint")
-            if old != fingerprint(spec, cfg.to_dict()):
+            if old != fingerprint(spec):
                 raise SpecError(f"{spec.path}: the spec or params changed since the sweep at {exp} started; "
                                 "restore them to resume, or pass --fresh to start over")
         return True
@@ -284,7 +283,7 @@ def run_sweep(spec: SweepSpec, cfg: Config, *, address: str | None = None, resum
             check_cluster_resources(spec, nodes)
         sdir.mkdir(parents=True, exist_ok=True)
         _write_json(sdir / "ray_nodes.json", nodes)
-        _write_json(sdir / "sweep.json", {"fingerprint": fingerprint(spec, cfg.to_dict()), "spec": spec.to_dict(),
+        _write_json(sdir / "sweep.json", {"fingerprint": fingerprint(spec), "spec": spec.to_dict(),
                                           "params": cfg.to_dict(), "experiment_path": exp,
                                           "address": address or "local"})
         if restore:

@@ -1,9 +1,14 @@
 """A sweep file (sweeps/<name>.yaml) -> a validated `SweepSpec`, before Ray starts.
 
+A sweep names its study (and optionally one of its networks, `unit`; default the first): every
+trial is that network's run (task, model, train: the keys of plans/runs/<run>.json) with the
+sweep's `base` and the trial's values on top. Its default metric is the family's monitor.
+
 Every problem is one line naming the file and the key, e.g.
-    sweeps/depth.yaml: params.model.n_layers: not a params.yaml key (did you mean model.n_layer?)
-and the CLI exits with status 2. The format is documented in sweeps/README.md. Only the standard
-library, yaml and pipeline.config are imported here (no ray), so validation is cheap.
+    sweeps/depth.yaml: params.model.n_layers: not a key of the study's runs (task.*, model.*, train.*) (did you mean model.n_layer?)
+and the CLI exits with status 2. The format is documented in sweeps/README.md. No ray is imported
+here (only the standard library, yaml and the pipeline's config, study and family declarations),
+so validation is cheap.
 """
 from __future__ import annotations
 
@@ -21,23 +26,22 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import Config, ConfigError, deep_merge, flatten, from_dict
+from pipeline.core.config import Config, ConfigError, RunConfig, deep_merge, flatten, unflatten
 
 
 class SpecError(ConfigError):
     """A bad sweep file: one line naming the file, the key and what is allowed."""
 
 
-TOP_KEYS = ("name", "description", "d", "base", "params", "seeds", "num_samples", "metric", "mode",
+TOP_KEYS = ("name", "description", "study", "unit", "base", "params", "seeds", "num_samples", "metric", "mode",
             "resources", "max_concurrent", "max_failures", "scheduler")
 KINDS = ("grid", "values", "uniform", "loguniform", "randint")
 RESOURCE_KEYS = ("cpu", "gpu")
 SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor", "max_t", "brackets")
 SCHEDULERS = ("asha", "fifo")
-# Keys the sweep itself manages: where a trial writes, which d it trains and its seed.
-MANAGED = {"out_dir": "the sweep writes under <out_dir>/sweeps/<name>/ (set out_dir in params.yaml or --set)",
-           "task.dims": "use the top-level `d` key (one network per trial)",
-           "seed": "use the top-level `seeds` list"}
+# Keys the sweep itself manages.
+MANAGED = {"seed": "use the top-level `seeds` list", "family": "set by the study", "name": "set by the sweep",
+           "group": "set by the sweep"}
 MAX_CHECKED_COMBINATIONS = 512
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -75,12 +79,15 @@ class SweepSpec:
     path: str
     name: str
     description: str
-    d: int
-    base: dict[str, Any]                  # dotted key -> value, applied to every trial
+    study: str
+    unit: str
+    family: str
+    run: dict[str, Any]                   # the unit's resolved run (plain dict): what every trial starts from
+    base: dict[str, Any]                  # dotted run key -> value, applied to every trial
     params: list[ParamSpec]
     seeds: list[int]
     num_samples: int = 1
-    metric: str = "val/l2"
+    metric: str = ""
     mode: str = "min"
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     max_concurrent: int | None = None
@@ -117,17 +124,6 @@ def sweep_group(name: str) -> str:
     return f"sweep-{name}"
 
 
-def unflatten(flat: dict[str, Any]) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return out
-
-
 def _suggest(key: str, known) -> str:
     close = difflib.get_close_matches(key, list(known), n=1)
     return f" (did you mean {close[0]}?)" if close else ""
@@ -146,7 +142,7 @@ def _as_flat_mapping(value, path, key) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _err(path, key, f"expected a mapping of params.yaml keys, got {type(value).__name__}")
+        raise _err(path, key, f"expected a mapping of run keys (task.*, model.*, train.*), got {type(value).__name__}")
     bad = [k for k in value if not isinstance(k, str)]
     if bad:
         raise _err(path, key, f"keys must be strings, got {bad[0]!r}")
@@ -157,35 +153,41 @@ def _check_key(path, where: str, key: str, known: dict[str, Any]) -> None:
     if key in MANAGED:
         raise _err(path, f"{where}.{key}", f"set by the sweep, not here: {MANAGED[key]}")
     if key not in known:
-        raise _err(path, f"{where}.{key}", f"not a params.yaml key{_suggest(key, known)}")
+        raise _err(path, f"{where}.{key}", f"not a key of the study's runs (task.*, model.*, train.*)"
+                                           f"{_suggest(key, known)}")
 
 
 # --------------------------------------------------------------------------------------- trials
 
-def trial_params(base_params: dict, spec_base: dict[str, Any], values: dict[str, Any], seed: int, d: int,
-                 out_dir: str | None = None) -> dict:
-    """The nested params dict of one trial: params.yaml (+ --set) <- spec base <- the trial's values
-    <- seed; task.dims = [d] (one network per trial); out_dir absolute if given."""
-    p = copy.deepcopy(base_params)
+def trial_params(run: dict, spec_base: dict[str, Any], values: dict[str, Any], seed: int) -> dict:
+    """The run dict of one trial: the study's run <- spec base <- the trial's values <- seed."""
+    p = copy.deepcopy(run)
     p = deep_merge(p, unflatten(spec_base))
     p = deep_merge(p, unflatten(values))
     p["seed"] = seed
-    p.setdefault("task", {})["dims"] = [d]
-    if out_dir is not None:
-        p["out_dir"] = out_dir
     return p
 
 
-def produced_metrics(ks: list[int]) -> list[str]:
-    """What a training run reports (pipeline/training/module.py)."""
-    out = ["val/l2", "train/loss"]
-    for k in ks:
-        out += [f"val/l2/K={k}", f"train/loss/K={k}", f"train/l2/K={k}"]
+def produced_metrics(run: RunConfig) -> list[str]:
+    """What a training run of `run` reports (core/module.py): the monitor (val/<part>), the loss
+    and the monitored part of the training loss (train/<part>), per read-out group too."""
+    from pipeline.core import family as F
+
+    fam = F.get(run.family)
+    part = fam.monitor.split("/", 1)[1]  # e.g. "l2" of "val/l2": a part of the family's loss dict
+    out = [fam.monitor, "train/loss"]
+    groups = fam.groups(run.task)
+    if groups == [None]:
+        out.append(f"train/{part}")
+    else:
+        for g in groups:
+            label = fam.group_label(g)
+            out += [f"{fam.monitor}/{label}", f"train/loss/{label}", f"train/{part}/{label}"]
     return out
 
 
-def _check_trial_config(path, cfg: Config, spec_like: dict, where: str) -> None:
-    """Cross-checks of one trial's Config against what a sweep needs."""
+def _check_trial_config(path, cfg: RunConfig, spec_like: dict, where: str) -> None:
+    """Cross-checks of one trial's run against what a sweep needs."""
     t = cfg.train
     if t.devices != 1:
         raise _err(path, f"{where}train.devices", f"a sweep trial trains on one device, got {t.devices!r} "
@@ -200,9 +202,9 @@ def _check_trial_config(path, cfg: Config, spec_like: dict, where: str) -> None:
         raise _err(path, f"{where}train.steps", f"{t.steps} must be a multiple of train.val_every={t.val_every} "
                    "so the final val metrics are measured at the last step")
     metric = spec_like["metric"]
-    if metric not in produced_metrics(cfg.task.ks):
-        raise _err(path, "metric", f"{metric!r} is not produced by training with task.ks={cfg.task.ks} "
-                   f"(choose one of: {', '.join(produced_metrics(cfg.task.ks))})")
+    if metric not in produced_metrics(cfg):
+        raise _err(path, "metric", f"{metric!r} is not produced by training this run "
+                   f"(choose one of: {', '.join(produced_metrics(cfg))})")
     if metric.startswith("val/") and val_interval > min(t.ckpt_every, t.steps):
         raise _err(path, f"{where}train.val_every", f"{t.val_every} must be <= train.ckpt_every={t.ckpt_every}: "
                    f"every report to Tune (one per checkpoint) must carry {metric}")
@@ -356,8 +358,28 @@ def load_spec(path: str | Path, cfg: Config) -> SweepSpec:
     for k in data:
         if k not in TOP_KEYS:
             raise _err(path, str(k), f"unknown key (allowed: {', '.join(TOP_KEYS)}){_suggest(str(k), TOP_KEYS)}")
-    params_dict = cfg.to_dict()
-    known = flatten(params_dict)  # every settable params.yaml key (dotted) -> its current value
+    from pipeline import studies as S
+    from pipeline.core import family as F
+
+    study = data.get("study")
+    if study not in S.names():
+        raise _err(path, "study", f"{study!r}: a sweep names its study (choose one of: {', '.join(S.names())})")
+    st = S.get(study)
+    try:
+        units = {u.name: u for u in st.units(cfg)}
+        unit = data.get("unit", next(iter(units)))
+        if not isinstance(unit, str) or unit not in units:
+            raise _err(path, "unit", f"{unit!r} is not a network of study {study} "
+                       f"(choose one of: {', '.join(units)})")
+        run = st.run(cfg, units[unit]).to_dict()
+    except SpecError:
+        raise
+    except ConfigError as e:  # a study that params.yaml `studies` does not list is validated only here
+        raise _err(path, "study", f"{study}: {e}") from None
+    run.pop("name")
+    run.pop("group")
+    known = {k: v for k, v in flatten(run).items()
+             if k.split(".")[0] in ("task", "model", "train")}  # every run key (dotted) -> its current value
 
     name = data.get("name", path.stem)
     if not isinstance(name, str) or not _NAME.match(name):
@@ -365,9 +387,6 @@ def load_spec(path: str | Path, cfg: Config) -> SweepSpec:
     description = data.get("description", "")
     if not isinstance(description, str):
         raise _err(path, "description", f"expected a string, got {description!r}")
-    d = data.get("d", cfg.task.dims[0])
-    if not _is_int(d) or d < 1:
-        raise _err(path, "d", f"expected a positive integer (the data dimension trained), got {d!r}")
 
     base = _as_flat_mapping(data.get("base"), path, "base")
     for k in base:
@@ -375,12 +394,12 @@ def load_spec(path: str | Path, cfg: Config) -> SweepSpec:
 
     raw_params = data.get("params")
     if not isinstance(raw_params, dict) or not raw_params:
-        raise _err(path, "params", "expected a non-empty mapping of params.yaml keys to vary, "
+        raise _err(path, "params", "expected a non-empty mapping of run keys to vary, "
                    "e.g. {model.n_layer: {grid: [1, 2, 4]}}")
     params = []
     for k, raw in raw_params.items():
         if not isinstance(k, str):
-            raise _err(path, "params", f"keys must be dotted params.yaml keys, got {k!r}")
+            raise _err(path, "params", f"keys must be dotted run keys, got {k!r}")
         if k in base:
             raise _err(path, f"params.{k}", "also set in base: a key is either fixed (base) or varied (params)")
         params.append(_parse_param(path, k, raw, known))
@@ -395,7 +414,7 @@ def load_spec(path: str | Path, cfg: Config) -> SweepSpec:
         raise _err(path, "seeds", f"values must be distinct, got {seeds!r}")
 
     num_samples = _int_field(data, path, "num_samples", 1, minimum=1)
-    metric = data.get("metric", "val/l2")
+    metric = data.get("metric", F.get(st.family).monitor)
     if not isinstance(metric, str):
         raise _err(path, "metric", f"expected a metric name such as val/l2, got {metric!r}")
     mode = data.get("mode", "min")
@@ -406,27 +425,35 @@ def load_spec(path: str | Path, cfg: Config) -> SweepSpec:
     max_failures = _int_field(data, path, "max_failures", 2, minimum=-1)
     scheduler = _parse_scheduler(path, data.get("scheduler"))
 
-    spec = SweepSpec(path=str(path), name=name, description=description, d=d, base=base, params=params,
+    spec = SweepSpec(path=str(path), name=name, description=description, study=study, unit=unit,
+                     family=st.family, run=run, base=base, params=params,
                      seeds=seeds, num_samples=num_samples, metric=metric, mode=mode, resources=resources,
                      max_concurrent=max_concurrent, max_failures=max_failures, scheduler=scheduler)
-    _validate_trials(spec, params_dict)
+    _validate_trials(spec)
     return spec
 
 
-def _validate_trials(spec: SweepSpec, params_dict: dict) -> None:
-    """Build the Config of every grid combination (or range end): a value params.yaml rejects
+def trial_run(spec: SweepSpec, values: dict, seed: int, trial_id: str = "") -> RunConfig:
+    """The validated run of one trial (W&B group sweep-<name>)."""
+    p = trial_params(spec.run, spec.base, values, seed)
+    p.update(name=f"{spec.name}-{trial_id}" if trial_id else spec.name, group=sweep_group(spec.name))
+    return RunConfig.from_dict(p, where="x")
+
+
+def _validate_trials(spec: SweepSpec) -> None:
+    """Build the run of every grid combination (or range end): a value the run rejects
     (n_head not dividing n_embd, ...) fails here, before Ray starts."""
     path = spec.path
     like = {"resources": spec.resources, "metric": spec.metric}
     try:
-        base_cfg = from_dict(trial_params(params_dict, spec.base, {}, spec.seeds[0], spec.d), source="x")
+        base_cfg = trial_run(spec, {}, spec.seeds[0])
     except ConfigError as e:
         raise _err(path, "base", _strip_source(str(e))) from None
     _check_trial_config(path, base_cfg, like, "base: ")
     max_steps = base_cfg.train.steps
     for values in _values_product(spec.params):
         try:
-            cfg = from_dict(trial_params(params_dict, spec.base, values, spec.seeds[0], spec.d), source="x")
+            cfg = trial_run(spec, values, spec.seeds[0])
         except ConfigError as e:
             shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
             raise _err(path, "params", f"trial {{{shown}}}: {_strip_source(str(e))}") from None
@@ -440,7 +467,7 @@ def _validate_trials(spec: SweepSpec, params_dict: dict) -> None:
 
 
 def _strip_source(msg: str) -> str:
-    return msg[3:] if msg.startswith("x: ") else msg
+    return msg.removeprefix("x: ").removeprefix("x.")
 
 
 # --------------------------------------------------------------------------------------- resources
@@ -471,13 +498,13 @@ def check_resources(spec: SweepSpec, cpus: float, gpus: float, where: str) -> No
                    f"{'no GPU' if not gpus else f'{gpus:g}'}")
 
 
-def fingerprint(spec: SweepSpec, params_dict: dict) -> str:
-    """What a resumed sweep must match: the spec (minus execution knobs) and the params it runs on."""
+def fingerprint(spec: SweepSpec) -> str:
+    """What a resumed sweep must match: the spec (minus execution knobs) with the run it starts from,
+    and the code of its family."""
+    from pipeline.core.fingerprint import code_fingerprint
+
     s = spec.to_dict()
     for k in ("path", "max_concurrent", "max_failures", "description"):
         s.pop(k, None)
-    p = copy.deepcopy(params_dict)
-    p.pop("out_dir", None)
-    p.pop("wandb", None)
-    blob = json.dumps({"spec": s, "params": p}, sort_keys=True, default=str)
+    blob = json.dumps({"spec": s, "code": code_fingerprint(spec.family)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

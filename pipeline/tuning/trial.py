@@ -217,9 +217,10 @@ def _run_trial(config: dict, context: dict) -> None:
     import ray.tune
     import torch
 
-    from pipeline.config import from_dict
-    from pipeline.training.train import train, training_fingerprint
-    from pipeline.tuning.spec import trial_params
+    from pipeline.core.config import RunConfig
+    from pipeline.core.fingerprint import fingerprint
+    from pipeline.core.train import train
+    from pipeline.tuning.spec import sweep_group, trial_params
 
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
@@ -231,13 +232,13 @@ def _run_trial(config: dict, context: dict) -> None:
     values = {k: config[k] for k in context["param_keys"]}
     seed = int(config["seed"])
     sweep_dir = Path(context["sweep_dir"])
-    params = trial_params(context["params"], context["base"], values, seed, context["d"], out_dir=str(sweep_dir))
-    cfg = from_dict(params, source=f"sweep {context['name']} trial {trial_id}")
-    d = context["d"]
+    params = trial_params(context["run"], context["base"], values, seed)
+    params.update(name=run_name(context["name"], values, seed, trial_id), group=sweep_group(context["name"]))
+    cfg = RunConfig.from_dict(params, where=f"sweep {context['name']} trial {trial_id}")
 
     trial_dir = sweep_dir / "trials" / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
-    fp = training_fingerprint(cfg, d)
+    fp = fingerprint(cfg)
     restored_step = _restore_checkpoint(trial_dir / "checkpoints", fp)
     node_id = None
     try:
@@ -252,10 +253,9 @@ def _run_trial(config: dict, context: dict) -> None:
     reporter = TuneReporter(every=cfg.train.ckpt_every, max_steps=cfg.train.steps, metric=context["metric"],
                             workdir=trial_dir, fingerprint=fp)
     try:
-        res = train(cfg, d, trial_dir, callbacks=[reporter], track=True, resume=True, progress_bar=False,
-                    run_name=run_name(context["name"], values, seed, trial_id),
-                    wandb_group=context["wandb_group"],
-                    wandb_id=f"{context['name']}-{trial_id}")  # a retry continues the trial's run
+        res = train(cfg, trial_dir, callbacks=[reporter], track=True, resume=True, progress_bar=False,
+                    wandb_id=f"{context['name']}-{trial_id}",  # a retry continues the trial's run
+                    tracking_cfg=context.get("tracking"))
     finally:
         _teardown_wandb()
 

@@ -1,0 +1,297 @@
+"""The plan: every study's networks resolved to runs, identical runs merged, and the DVC pipeline
+written from it.
+
+    python -m pipeline plan   -> plans/runs/<run>.json      what trains each network (its fingerprint input)
+                                 plans/studies/<study>.json  what each study evaluates, with which networks
+                                 plans/sweeps/<sweep>.json   each sweep's resolved base run
+                                 dvc.yaml                    the stages, generated (never edited by hand)
+
+A network's run id is "<study>-<unit>" of the first study (in params.yaml `studies` order) that
+needs it; a later study that needs an identical run (same fingerprint) uses that network, with no
+copy. Each train stage depends on its own plan file only, so a rerun of the plan stage that leaves
+a file unchanged triggers nothing downstream of it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.core.config import Config, ConfigError, RunConfig
+
+PLANS = Path("plans")
+
+
+@dataclass
+class StudyPlan:
+    name: str
+    family: str
+    networks: dict[str, str]  # unit -> run id
+    labels: dict[str, str]  # unit -> label
+
+
+@dataclass
+class Plan:
+    runs: dict[str, RunConfig] = field(default_factory=dict)  # run id -> run
+    fingerprints: dict[str, str] = field(default_factory=dict)  # run id -> fingerprint
+    studies: dict[str, StudyPlan] = field(default_factory=dict)
+
+    def run_of(self, study: str, unit: str) -> RunConfig:
+        return self.runs[self.studies[study].networks[unit]]
+
+
+_CACHE: dict = {}
+
+
+def resolve(cfg: Config, studies: list[str] | None = None) -> Plan:
+    """Resolve (and validate) every run of the listed studies; raises ConfigError naming the key.
+    Memoised per Config object (a Config is never mutated after loading)."""
+    key = (id(cfg), tuple(studies or cfg.studies))
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is cfg:
+        return hit[1]
+    plan = _resolve(cfg, studies)
+    _CACHE[key] = (cfg, plan)
+    return plan
+
+
+def resolve_all(cfg: Config, extra: list[str] | None = None) -> Plan:
+    """The plan of every listed study (plus `extra` ones after them): run ids and sharing as dvc.yaml has them."""
+    names = list(cfg.studies) + [s for s in (extra or []) if s not in cfg.studies]
+    return resolve(cfg, names)
+
+
+def _resolve(cfg: Config, studies: list[str] | None) -> Plan:
+    from pipeline import studies as S
+    from pipeline.core.fingerprint import fingerprint
+
+    plan = Plan()
+    by_fp: dict[str, str] = {}
+    for name in studies or cfg.studies:
+        st = S.get(name)
+        st.check(cfg)
+        nets, labels = {}, {}
+        for unit in st.units(cfg):
+            run = st.run(cfg, unit)
+            fp = fingerprint(run)
+            if fp not in by_fp:
+                by_fp[fp] = run.name
+                plan.runs[run.name] = run
+                plan.fingerprints[run.name] = fp
+            nets[unit.name] = by_fp[fp]
+            labels[unit.name] = unit.label
+        plan.studies[name] = StudyPlan(name, st.family, nets, labels)
+    return plan
+
+
+def run_dir(cfg_or_out: Config | str, run_id: str) -> Path:
+    out = cfg_or_out.out_dir if isinstance(cfg_or_out, Config) else cfg_or_out
+    return Path(out) / "runs" / run_id
+
+
+def study_dir(cfg: Config, study: str) -> Path:
+    return Path(cfg.out_dir) / study
+
+
+def data_dir(study: str) -> Path:
+    return Path("data") / study
+
+
+# ----------------------------------------------------------------------------- plan files
+
+def _dump(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.read_text() == text:
+        return False
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return True
+
+
+def run_file(run: RunConfig, fp: str) -> dict:
+    from pipeline.core.fingerprint import code_fingerprint
+
+    return {"run": run.to_dict(), "fingerprint": fp, "code": code_fingerprint(run.family)}
+
+
+def study_file(cfg: Config, plan: Plan, name: str) -> dict:
+    """What a study's generate/evaluate/report stages depend on."""
+    import dataclasses
+
+    from pipeline import studies as S
+
+    st, sp = S.get(name), plan.studies[name]
+    return {"study": name, "family": st.family, "seed": cfg.seed, "section": dataclasses.asdict(st.section(cfg)),
+            "task": dataclasses.asdict(cfg.task[st.family]), "baselines": st.solver_params(cfg),
+            "eval": dataclasses.asdict(cfg.eval),
+            "networks": {u: {"run": r, "fingerprint": plan.fingerprints[r]} for u, r in sp.networks.items()}}
+
+
+def data_file(cfg: Config, name: str) -> dict:
+    """What a study's evaluation sets depend on (its generate stage's input): the seed, the study's
+    resolved task and its section without the network and method keys."""
+    import dataclasses
+
+    from pipeline import studies as S
+
+    st = S.get(name)
+    section = {k: v for k, v in dataclasses.asdict(st.section(cfg)).items()
+               if k not in ("model", "train", "methods", "task")}
+    return {"study": name, "family": st.family, "seed": cfg.seed, "task": dataclasses.asdict(st.task(cfg)),
+            "section": section}
+
+
+def sweep_names(root: Path = Path("sweeps")) -> list[str]:
+    return sorted(p.stem for p in root.glob("*.yaml"))
+
+
+def write(cfg: Config, plan: Plan, root: Path = PLANS, sweeps_root: Path = Path("sweeps")) -> list[Path]:
+    """Write every plan file (unchanged files keep their bytes and mtime); stale ones are removed."""
+    written = []
+    keep = set()
+    for rid, run in plan.runs.items():
+        p = root / "runs" / f"{rid}.json"
+        _write_if_changed(p, _dump(run_file(run, plan.fingerprints[rid])))
+        keep.add(p)
+    for name in plan.studies:
+        p = root / "studies" / f"{name}.json"
+        _write_if_changed(p, _dump(study_file(cfg, plan, name)))
+        q = root / "data" / f"{name}.json"
+        _write_if_changed(q, _dump(data_file(cfg, name)))
+        keep.update((p, q))
+    for name in sweep_names(sweeps_root):
+        p = root / "sweeps" / f"{name}.json"
+        _write_if_changed(p, _dump(sweep_file(cfg, sweeps_root / f"{name}.yaml")))
+        keep.add(p)
+    for sub in ("runs", "studies", "data", "sweeps"):
+        for old in (root / sub).glob("*.json"):
+            if old not in keep:
+                old.unlink()
+    written = sorted(keep)
+    return written
+
+
+def sweep_file(cfg: Config, path: Path) -> dict:
+    """A sweep's resolved spec and the code of its study's family (its trials' fingerprint input)."""
+    from pipeline.core.fingerprint import code_fingerprint
+    from pipeline.tuning.spec import load_spec
+
+    spec = load_spec(path, cfg)
+    return {"spec": spec.to_dict(), "code": code_fingerprint(spec.family)}
+
+
+def load_run(run_id: str, root: Path = PLANS) -> RunConfig:
+    path = root / "runs" / f"{run_id}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in (root / "runs").glob("*.json"))
+        raise ConfigError(f"--run {run_id}: no plan file {path} (known runs: {', '.join(known) or 'none'}; "
+                          "run `python -m pipeline plan`)")
+    return RunConfig.from_dict(json.loads(path.read_text())["run"], where=str(path))
+
+
+# ----------------------------------------------------------------------------- dvc.yaml
+
+HEADER = """\
+# GENERATED by `python -m pipeline plan` from params.yaml and the study declarations (studies/).
+# Do not edit by hand: change params.yaml (or add a study / family) and rerun the plan.
+#   dvc repro                          the whole pipeline (plan -> train -> generate -> evaluate -> report)
+#   dvc exp run -S linreg.train.lr=3e-4  reruns only the stages that depend on that key
+"""
+
+
+def dvc_stages(cfg: Config, plan: Plan, sweeps_root: Path = Path("sweeps")) -> dict:
+    from pipeline import studies as S
+
+    out = cfg.out_dir
+    stages: dict = {
+        "plan": {
+            "cmd": "python -m pipeline plan --check-dvc",
+            "deps": ["pipeline", "sweeps"],
+            "params": [{"params.yaml": None}],
+            "outs": [{"plans": {"cache": False}}],
+        }
+    }
+    for rid in plan.runs:
+        d = f"{out}/runs/{rid}"
+        stages[f"train-{rid}"] = {
+            "cmd": f"python -m pipeline train --run {rid}",
+            "deps": [f"plans/runs/{rid}.json"],
+            "outs": [f"{d}/model.safetensors", f"{d}/model.json",
+                     {f"{d}/checkpoints": {"persist": True, "cache": False}}],
+            "metrics": [{f"{d}/metrics.json": {"cache": False}}],
+        }
+    for name, sp in plan.studies.items():
+        st = S.get(name)
+        fam = f"pipeline/families/{st.family}"
+        sdir = f"{out}/{name}"
+        stages[f"generate-{name}"] = {
+            "cmd": f"python -m pipeline --study {name} generate",
+            "deps": [f"plans/data/{name}.json", "pipeline/core/rng.py", "pipeline/core/arrays.py", fam,
+                     f"pipeline/studies/{name}.py"],
+            "outs": [f"data/{name}"],
+        }
+        models = sorted({f"{out}/runs/{r}/model.safetensors" for r in sp.networks.values()})
+        stages[f"evaluate-{name}"] = {
+            "cmd": f"python -m pipeline --study {name} evaluate",
+            "deps": [f"data/{name}", f"plans/studies/{name}.json", *models, "pipeline/core/evaluate.py",
+                     "pipeline/core/network.py", "pipeline/core/results.py", "pipeline/algorithms", fam,
+                     f"pipeline/studies/{name}.py"],
+            "outs": [{f"{sdir}/results.json": {"cache": False}}],
+        }
+        stages[f"report-{name}"] = {
+            "cmd": f"python -m pipeline --study {name} report",
+            "deps": [f"{sdir}/results.json", "pipeline/core/report.py", f"pipeline/studies/{name}.py"],
+            "outs": [{f"{sdir}/report/{k}": {"cache": False}} for k in ("figures", "plots", "report.md")],
+            "metrics": [{f"{sdir}/report/metrics.json": {"cache": False}}],
+        }
+    for name in sweep_names(sweeps_root):
+        stages[f"sweep-{name}"] = {
+            "cmd": f"python -m pipeline sweep sweeps/{name}.yaml --fresh",
+            "deps": [f"sweeps/{name}.yaml", f"plans/sweeps/{name}.json", "pipeline/tuning"],
+            "outs": [{f"{out}/sweeps/{name}": {"cache": False}}],
+        }
+    return stages
+
+
+def dvc_plots(cfg: Config, plan: Plan) -> list:
+    """One dvc-plots entry per declared figure (CSV written by the report stage)."""
+    from pipeline import studies as S
+    from pipeline.core import family as F
+
+    plots = []
+    for name in plan.studies:
+        st = S.get(name)
+        for fig in st.figures(cfg):
+            log = F.get(st.family).metrics[fig.metric].log_scale
+            plots.append({f"{cfg.out_dir}/{name}/report/plots/{fig.name}.csv": {
+                "title": f"{st.title}: {fig.title or fig.name} (columns: {fig.panels or 'all'})",
+                "template": "by_series" if log else "by_series_linear", "x": fig.x, "y": "value"}})
+    return plots
+
+
+def dvc_yaml_text(cfg: Config, plan: Plan, sweeps_root: Path = Path("sweeps")) -> str:
+    import yaml
+
+    body = yaml.safe_dump({"stages": dvc_stages(cfg, plan, sweeps_root), "plots": dvc_plots(cfg, plan)},
+                          sort_keys=False, width=120)
+    return HEADER + body.replace("params.yaml: null", "params.yaml:")
+
+
+def write_dvc_yaml(cfg: Config, plan: Plan, path: Path = Path("dvc.yaml"), check: bool = False) -> bool:
+    """Write dvc.yaml; with check=True (inside `dvc repro`) fail instead if its stages would change."""
+    text = dvc_yaml_text(cfg, plan)
+    old = path.read_text() if path.is_file() else None
+    if old == text:
+        return False
+    if check:
+        _write_if_changed(path, text)
+        raise ConfigError(f"{path}: its stages changed with params.yaml (networks or studies were added or "
+                          "removed); it has been rewritten: run `dvc repro` again")
+    _write_if_changed(path, text)
+    return True

@@ -1,0 +1,299 @@
+"""A study's report, drawn from its declaration (core/study.py Table / Figure) and its long-format
+results (core/results.py):
+
+    report.md          title, per-metric definitions, the declared tables (mean ± 95 % CI, medians,
+                       seconds), notes, and the figures
+    figures/<name>.png one panel per value of `panels`, one line per method, mean ± 95 % CI
+    plots/<name>.csv   the same data for `dvc plots` (template .dvc/plots/by_series*.json)
+    metrics.json       every applicable mean, keyed <grid>/<metric>/<point>/<method> (`dvc metrics`)
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+from pipeline.core import family as F  # noqa: E402
+from pipeline.core.results import num  # noqa: E402
+
+OFF_SCALE = 1e3  # on log axes, a mean this many times the panel's median is left out of the figure (noted)
+
+
+def fmt(v: float) -> str:
+    """3 significant digits, positional unless very small or large."""
+    if not math.isfinite(v):
+        return "nan"
+    if v == 0 or 1e-4 <= abs(v) < 1e6:
+        return np.format_float_positional(v, precision=3, unique=False, fractional=False, trim="-")
+    return f"{v:.3g}"
+
+
+def fmt_ci(mu: float, ci: float) -> str:
+    """'mean ± ci', or the mean alone when the interval is undefined (one task)."""
+    return fmt(mu) if not math.isfinite(ci) else f"{fmt(mu)} ± {fmt(ci)}"
+
+
+def _key(point: dict) -> tuple:
+    return tuple(sorted(point.items()))
+
+
+class Index:
+    """Rows of one results file, looked up by (grid, point, method, metric)."""
+
+    def __init__(self, results: dict):
+        self.results = results
+        self.rows = results["rows"]
+        self.by = {(r["grid"], _key(r["point"]), r["method"], r["metric"]): r for r in self.rows}
+        self.na = {(r["grid"], _key(r["point"]), r["method"]) for r in self.rows if not r["applicable"]}
+
+    def methods(self, grid: str) -> list[str]:
+        return list(dict.fromkeys(r["method"] for r in self.rows if r["grid"] == grid))
+
+    def get(self, grid: str, point: dict, method: str, metric: str) -> dict | None:
+        row = self.by.get((grid, _key(point), method, metric))
+        if row is None and (grid, _key({k: v for k, v in point.items() if k in self._axes(grid)}), method) in self.na:
+            return {"applicable": False, "reason": "", "mean": None}
+        return row
+
+    def _axes(self, grid: str) -> list[str]:
+        return self.results["meta"]["grids"][grid]["axes"]
+
+    def values(self, grid: str, metric: str, axis: str) -> list:
+        return sorted({r["point"][axis] for r in self.rows if r["grid"] == grid and r["metric"] == metric
+                       and axis in r["point"]})
+
+
+def _matches(point: dict, where: dict | None) -> bool:
+    return not where or all(point.get(k) == v for k, v in where.items())
+
+
+def _cell_text(row: dict | None, stat: str) -> tuple[str, float]:
+    if row is None:
+        return "", math.nan
+    if not row["applicable"]:
+        return "n/a", math.nan
+    if stat == "median":
+        v = num(row["median"])
+        return fmt(v), v
+    if stat == "seconds":
+        v = num(row["seconds"])
+        return fmt(v), v
+    v = num(row["mean"])
+    return fmt_ci(v, num(row["ci95"])), v
+
+
+def table(index: Index, spec, metric) -> str:
+    """Rows: methods; columns: the values of spec.cols; one block per value of the other axes."""
+    grid = spec.grid
+    axes = [a for a in index._axes(grid) + ([metric.axis] if metric.axis else []) if a != spec.cols]
+    cols = index.values(grid, spec.metric, spec.cols)
+    if spec.values is not None:
+        cols = [c for c in cols if c in spec.values]
+    others = [index.values(grid, spec.metric, a) for a in axes]
+    methods = index.methods(grid)
+    pick = min if metric.better == "lower" else max
+    blocks = []
+    for combo in itertools.product(*others):
+        fixed = dict(zip(axes, combo))
+        if not _matches({**fixed}, {k: v for k, v in (spec.where or {}).items() if k in fixed}):
+            continue
+        cells = {}
+        for m in methods:
+            for c in cols:
+                point = {**fixed, spec.cols: c}
+                cells[(m, c)] = _cell_text(index.get(grid, point, m, spec.metric), spec.stat)
+        if all(t == "" for t, _ in cells.values()):
+            continue
+        best = {}
+        if spec.stat != "seconds":
+            for c in cols:
+                vals = [v for (m, cc), (_, v) in cells.items() if cc == c and math.isfinite(v)]
+                best[c] = pick(vals) if len(vals) > 1 else None
+        head = ", ".join(f"{k} = {v}" for k, v in fixed.items())
+        lines = [f"**{head}**" if head else "", "",
+                 f"| method | " + " | ".join(f"{spec.cols}={c}" for c in cols) + " |",
+                 "|---|" + "---:|" * len(cols)]
+        for m in methods:
+            row = []
+            for c in cols:
+                text, v = cells[(m, c)]
+                row.append(f"**{text}**" if best.get(c) is not None and v == best[c] else text)
+            if any(row):
+                lines.append(f"| {m} | " + " | ".join(row) + " |")
+        blocks.append("\n".join(lines).strip())
+    stat = {"mean": "mean ± 95 % CI (Student t over tasks)", "median": "median over tasks",
+            "seconds": "solver wall seconds for all tasks of the cell"}[spec.stat]
+    title = spec.title or f"{metric.label} ({spec.metric}), {stat}"
+    note = "" if spec.stat == "seconds" else f" Best per column in bold ({metric.better} is better)."
+    return f"### {title}\n\n{stat}.{note}\n\n" + "\n\n".join(blocks) + "\n"
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _series(index: Index, spec, metric, panel_value) -> tuple[list, list[str]]:
+    grid = spec.grid
+    xs = index.values(grid, spec.metric, spec.x)
+    out, notes = [], []
+    for m in index.methods(grid):
+        pts, na = [], []
+        for x in xs:
+            point = {spec.x: x} if spec.panels is None else {spec.x: x, spec.panels: panel_value}
+            cands = [r for r in index.rows if r["grid"] == grid and r["method"] == m and r["metric"] == spec.metric
+                     and all(r["point"].get(k) == v for k, v in point.items())
+                     and _matches(r["point"], spec.where)]
+            if not cands:
+                continue
+            r = cands[0]
+            if not r["applicable"]:
+                na.append(x)
+                continue
+            mu, ci = num(r["mean"]), num(r["ci95"])
+            if math.isfinite(mu) and (mu > 0 or not metric.log_scale):
+                pts.append((x, mu, ci if math.isfinite(ci) else 0.0))
+        if na:
+            notes.append(f"{m}: n/a" if not pts else f"{m}: n/a at {spec.x}=" + ",".join(map(str, na)))
+        if pts:
+            out.append((m, pts))
+    return out, notes
+
+
+def figure(index: Index, spec, metric, path: Path) -> Path:
+    grid = spec.grid
+    panels = index.values(grid, spec.metric, spec.panels) if spec.panels else [None]
+    if spec.panels and spec.where and spec.panels in spec.where:
+        panels = [spec.where[spec.panels]]
+    methods = index.methods(grid)
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    ncols = min(len(panels), 4)
+    nrows = math.ceil(len(panels) / ncols)
+    legend_cols = min(len(methods), 4)
+    legend_h = 0.3 * math.ceil(len(methods) / legend_cols) + 0.2
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(4.2 * ncols, 7.0), 3.4 * nrows + legend_h + 0.4),
+                             squeeze=False)
+    for ax, pv in zip(axes.flat, panels):
+        series, notes = _series(index, spec, metric, pv)
+        if metric.log_scale and series:
+            ref = float(np.median([mu for _, pts in series for _, mu, _ in pts if mu > 0] or [1.0]))
+            kept = []
+            for m, pts in series:
+                off = [(x, mu) for x, mu, _ in pts if mu > OFF_SCALE * ref]
+                if off:  # one blown-up mean would squash every other line: left out, and said so
+                    notes.append(f"{m}: off scale at " + ", ".join(f"{spec.x}={x} (mean {fmt(mu)})" for x, mu in off))
+                    pts = [p for p in pts if (p[0], p[1]) not in off]
+                if pts:
+                    kept.append((m, pts))
+            series = kept
+        floor = None
+        if metric.log_scale and series:
+            lows = [mu - ci if mu - ci > 0 else mu for _, pts in series for _, mu, ci in pts]
+            highs = [mu + ci for _, pts in series for _, mu, ci in pts]
+            floor = min(lows) / 1.5
+            ax.set_yscale("log")
+            ax.set_ylim(floor, max(highs) * 1.5)
+        n = max(1, len(series) - 1)
+        allx = sorted({x for _, pts in series for x, _, _ in pts})
+        step = min(np.diff(allx)) if len(allx) > 1 and spec.xscale == "linear" else 0
+        for i, (m, pts) in enumerate(series):
+            dodge = 0.12 * step * (i / n - 0.5) if step else 0  # keep error bars apart
+            xs = [x + dodge for x, _, _ in pts]
+            mus = [mu for _, mu, _ in pts]
+            cis = [ci for _, _, ci in pts]
+            lower = cis if floor is None else [min(ci, mu - floor) for mu, ci in zip(mus, cis)]
+            ax.errorbar(xs, mus, yerr=[lower, cis], color=colors[m], marker="o", ms=3.5, capsize=2.5, lw=1.4)
+        if spec.xscale == "log2":
+            ax.set_xscale("log", base=2)
+        elif spec.xscale == "symlog":
+            ax.set_xscale("symlog", linthresh=1.0)
+        if pv is not None:
+            ax.set_title(f"{spec.panels} = {pv}")
+        ax.set_xlabel(spec.x)
+        ax.set_ylabel(metric.label)
+        if spec.xscale == "linear" and len(allx) <= 12:
+            ax.set_xticks(allx)
+        ax.grid(True, which="major", alpha=0.3)
+        if notes:
+            ax.text(0.02, 0.02, "\n".join(notes), transform=ax.transAxes, fontsize=7, va="bottom", color="0.35")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], color=colors[m], marker="o", lw=1.4, label=m) for m in methods]
+    fig.legend(handles=handles, loc="lower center", ncol=legend_cols, frameon=False)
+    n_tasks = index.results["meta"]["grids"][grid].get("n_tasks")
+    fig.suptitle(f"{spec.title or metric.label} — mean ± 95 % CI" + (f", {n_tasks} tasks per point" if n_tasks else ""),
+                 fontsize=10)
+    fig.tight_layout(rect=(0, legend_h / fig.get_figheight(), 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_csv(index: Index, spec, metric, path: Path) -> Path:
+    """Long-format CSV for `dvc plots`: panel, series, <x>, value, low, high (applicable means only)."""
+    panels = index.values(spec.grid, spec.metric, spec.panels) if spec.panels else [None]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["panel", "series", spec.x, "value", "low", "high"])
+        for pv in panels:
+            series, _ = _series(index, spec, metric, pv)
+            for m, pts in series:
+                for x, mu, ci in pts:
+                    w.writerow(["all" if pv is None else f"{spec.panels}={pv}", m, x, repr(mu), repr(mu - ci),
+                                repr(mu + ci)])
+    return path
+
+
+def metrics_json(results: dict) -> dict:
+    """Flat {<grid>/<metric>/<point>/<method>: mean} of applicable rows (what `dvc metrics diff` compares)."""
+    out = {}
+    for r in results["rows"]:
+        if r["applicable"] and r["mean"] is not None:
+            where = ",".join(f"{k}={v}" for k, v in r["point"].items())
+            out[f"{r['grid']}/{r['metric']}/{where}/{r['method']}"] = round(float(r["mean"]), 6)
+    return out
+
+
+def write_report(cfg, study, results: dict, out_dir: Path) -> list[Path]:
+    fam = F.get(study.family)
+    index = Index(results)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    md = [f"# {study.title}", ""]
+    if study.doc:
+        md += [f"What this study is and how to run it: `{study.doc}`.", ""]
+    nets = results["meta"].get("networks", {})
+    if nets:
+        md += ["Networks (unit → run in `outputs/runs/`): " + ", ".join(f"{u} → `{r}`" for u, r in nets.items()), ""]
+    md += ["Metrics:", ""] + [f"- **{m.name}** ({m.label}, {m.better} is better): {m.definition}"
+                              for m in fam.metrics.values()] + [""]
+    na = sorted({(r["method"], r["reason"]) for r in results["rows"] if not r["applicable"]})
+    if na:
+        md += ["Not applicable: " + "; ".join(f"{m} ({why})" for m, why in na), ""]
+    notes = study.notes(cfg, results)
+    if notes:
+        md += ["## Findings", ""] + [f"- {n}" for n in notes] + [""]
+    md += ["## Tables", ""]
+    for spec in study.tables(cfg):
+        md.append(table(index, spec, fam.metrics[spec.metric]))
+    md += ["## Figures", ""]
+    for spec in study.figures(cfg):
+        metric = fam.metrics[spec.metric]
+        p = figure(index, spec, metric, out_dir / "figures" / f"{spec.name}.png")
+        plot_csv(index, spec, metric, out_dir / "plots" / f"{spec.name}.csv")
+        md.append(f"![{spec.title or spec.name}](figures/{p.name})\n")
+        paths.append(p)
+    (out_dir / "report.md").write_text("\n".join(md).rstrip() + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics_json(results), indent=2, sort_keys=True) + "\n")
+    for sub in ("figures", "plots"):
+        (out_dir / sub).mkdir(exist_ok=True)
+    return [out_dir / "report.md", out_dir / "metrics.json", *paths]

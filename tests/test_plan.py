@@ -1,0 +1,111 @@
+"""What identifies a network, and the plan that dvc.yaml is generated from."""
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.core import fingerprint as FP
+from pipeline.core import plan as P
+from pipeline.core.config import from_dict, load
+from tests.conftest import REPO, TINY_PARAMS, make_run
+
+
+def _cfg(**over):
+    p = copy.deepcopy(TINY_PARAMS)
+    p["studies"] = ["tgmm", "robustness", "ablation", "linreg"]
+    for k, v in over.items():
+        node = p
+        *path, last = k.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = v
+    return from_dict(p)
+
+
+def _fps(cfg) -> dict:
+    plan = P.resolve(cfg)
+    return {rid: plan.fingerprints[rid] for rid in plan.runs}
+
+
+def test_fingerprint_is_deterministic_and_sensitive():
+    a = make_run("gmm")
+    assert FP.fingerprint(a) == FP.fingerprint(make_run("gmm"))
+    assert FP.fingerprint(a) != FP.fingerprint(make_run("gmm", train={"lr": 3e-4}))
+    assert FP.fingerprint(a) != FP.fingerprint(make_run("gmm", task={"n0": 12}))
+    assert FP.fingerprint(a) != FP.fingerprint(make_run("gmm", model={"n_layer": 2}))
+    assert FP.fingerprint(a).startswith("gmm-")
+
+
+@pytest.mark.parametrize("key,value", [("train.log_every", 7), ("train.ckpt_every", 3), ("train.val_every", 3),
+                                       ("train.devices", "auto"), ("train.accelerator", "auto"),
+                                       ("wandb.mode", "offline"), ("eval.chunk_size", 3), ("out_dir", "elsewhere")])
+def test_logging_and_device_keys_do_not_change_any_network(key, value):
+    assert _fps(_cfg(**{key: value})) == _fps(_cfg())
+
+
+def test_another_studys_params_do_not_change_a_network():
+    base = _fps(_cfg())
+    linreg = _fps(_cfg(**{"linreg.train": {"lr": 3e-4}, "task.linreg.noise_std": 0.1, "baselines.linreg.knn": 5}))
+    assert {k: v for k, v in linreg.items() if not k.startswith("linreg")} == \
+        {k: v for k, v in base.items() if not k.startswith("linreg")}
+    assert linreg["linreg-main"] != base["linreg-main"]
+    tg = _fps(_cfg(**{"tgmm.n_tasks": 3, "robustness.sigma_p": [1.0], "baselines.gmm.em_max_iter": 5}))
+    assert tg == base  # evaluation params: no network changes
+
+
+def test_code_fingerprint_covers_spine_backbones_and_own_family_only():
+    gmm = {p.relative_to(FP.PACKAGE).as_posix() for p in FP.code_files("gmm")}
+    lin = {p.relative_to(FP.PACKAGE).as_posix() for p in FP.code_files("linreg")}
+    assert "core/module.py" in gmm and "models/transformer.py" in gmm and "families/gmm/loss.py" in gmm
+    assert not any(f.startswith("families/linreg") for f in gmm)
+    assert not any(f.startswith("families/gmm") for f in lin)
+    for f in ("core/report.py", "core/evaluate.py", "core/plan.py", "studies/tgmm.py", "algorithms/em.py"):
+        assert f not in gmm, f
+
+
+def test_editing_a_family_changes_only_its_networks(tmp_path, monkeypatch):
+    """Copy the package, append a comment to a linreg file: linreg's fingerprint changes, gmm's do not."""
+    pkg = tmp_path / "pipeline"
+    shutil.copytree(REPO / "pipeline", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    before = {f: FP.code_fingerprint(f) for f in ("gmm", "linreg")}
+    monkeypatch.setattr(FP, "PACKAGE", pkg)
+    from pipeline.core import family as F
+
+    monkeypatch.setattr(F, "module_dir", lambda name: pkg / "families" / name)
+    same = {f: FP.code_fingerprint(f) for f in ("gmm", "linreg")}
+    assert same == before
+    with open(pkg / "families" / "linreg" / "net.py", "a") as fh:
+        fh.write("\n# an edit\n")
+    after = {f: FP.code_fingerprint(f) for f in ("gmm", "linreg")}
+    assert after["gmm"] == before["gmm"] and after["linreg"] != before["linreg"]
+
+
+def test_shared_networks_and_run_ids():
+    plan = P.resolve(_cfg())
+    assert plan.studies["robustness"].networks["n0_16"] == "tgmm-d2"
+    assert plan.studies["ablation"].networks["transformer"] == "tgmm-d2"
+    order = P.resolve(_cfg(studies=["robustness", "tgmm"]))  # the first study to need a network names it
+    assert order.studies["tgmm"].networks["d2"] == "robustness-n0_16"
+
+
+def test_committed_plan_and_dvc_yaml_are_up_to_date():
+    """dvc.yaml and plans/ are generated from params.yaml: `python -m pipeline plan` must leave them unchanged."""
+    import json
+
+    cfg = load(REPO / "params.yaml")
+    plan = P.resolve(cfg)
+    assert (REPO / "dvc.yaml").read_text() == P.dvc_yaml_text(cfg, plan, REPO / "sweeps"), \
+        "dvc.yaml is stale: run `python -m pipeline plan`"
+    for rid, run in plan.runs.items():
+        path = REPO / "plans" / "runs" / f"{rid}.json"
+        assert json.loads(path.read_text()) == P.run_file(run, plan.fingerprints[rid]), f"{path} is stale"
+    assert sorted(p.stem for p in (REPO / "plans" / "runs").glob("*.json")) == sorted(plan.runs)
+
+
+def test_dvc_yaml_has_no_hand_kept_params_lists():
+    text = (REPO / "dvc.yaml").read_text()
+    assert text.count("params.yaml:") == 1  # only the plan stage reads params; every other stage reads its plan file
+    assert "train-linreg-main" in text and "evaluate-linreg" in text
