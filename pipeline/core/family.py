@@ -14,7 +14,8 @@ never name a family:
     decode(out, batch)  the network's answer as the family's Estimate (what classical solvers return)
     metrics             name -> Metric (how good an Estimate is, per task)
     solvers             name -> factory(params, seed) -> Solver with a self-describing name
-    batch_type          a dataclass with to_numpy / from_numpy / slice / to (plain arrays on disk)
+    batch_type          a dataclass with REQUIRED (array names), B, device, to_numpy / from_numpy,
+                        slice (keeping task_index(): each task's row in its set) and to(device, dtype)
     monitor             the validation metric that sweeps optimise by default
     probe_targets       algorithm -> iterates over a steps axis (what probing compares layers with)
 

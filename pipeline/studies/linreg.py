@@ -65,7 +65,8 @@ class LinRegStudy(Study):
         return [Figure("error_vs_k", "main", "sq_error", "k", title="squared error / d vs in-context examples k")]
 
     def notes(self, cfg, results):
-        """The findings the acceptance asks for, computed from the results."""
+        """The study's questions answered from the results: does the transformer track least squares, and
+        does it beat averaging and 3-NN at every k >= 1?"""
         t = self.task(cfg)
         rows = {(r["method"], r["point"]["k"]): r for r in results["rows"] if r["metric"] == "sq_error"}
         ks = sorted({k for _, k in rows})

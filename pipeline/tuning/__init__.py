@@ -1,5 +1,5 @@
-"""Ray Tune sweeps over params.yaml keys (sweeps/<name>.yaml), each trial one call of the one
-training function `pipeline.core.train.train`.
+"""Ray Tune sweeps of a study's network over its run keys (sweeps/<name>.yaml: task.*, model.*,
+train.*), each trial one call of the one training function `pipeline.core.train.train`.
 
     spec.py     parse + validate a sweep file (no ray import): load_spec(path, cfg) -> SweepSpec
     trial.py    the Tune trainable (run_trial) and the TuneReporter Lightning callback

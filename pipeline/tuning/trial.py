@@ -1,6 +1,6 @@
 """The Tune trainable: one trial = one call of the one training function, `train()`.
 
-A trial builds its Config (params.yaml + the spec's `base` + the trial's values + seed), restores
+A trial builds its run (the sweep's unit's run + the spec's `base` + the trial's values + seed), restores
 the Tune checkpoint (if Tune gives one) into `<sweep_dir>/trials/<trial_id>/checkpoints/`, where
 `train()` resumes from it, and trains with `TuneReporter`, a small Lightning callback that reports
 metrics and a checkpoint to Tune every `train.ckpt_every` steps (and the metrics of every
@@ -198,8 +198,9 @@ def _teardown_wandb() -> None:
 
 
 def run_trial(config: dict, context: dict) -> None:
-    """The function trainable. `config`: the trial's values (dotted params.yaml keys) + `seed`;
-    `context`: what the runner fixed for the whole sweep (absolute paths, base params, spec)."""
+    """The function trainable. `config`: the trial's values (dotted run keys) + `seed`;
+    `context`: what the runner fixed for the whole sweep (absolute paths, the unit's run, the
+    spec's base and metric, the params for W&B)."""
     _TRAINING_DONE.clear()
     _TRAINING_STARTED.set()
     try:

@@ -40,7 +40,7 @@ def _loglik(batch, est):
 def _em_paper(p: dict, seed: int, task) -> object:
     from pipeline.algorithms import EMPaper
 
-    name = solver_name("em_paper", p, _DEFAULTS, ("em_max_iter", "em_tol"))
+    name = solver_name("em_paper", p, _DEFAULTS, FAMILY.solvers["em_paper"].uses)
     return EMPaper(max_iter=p["em_max_iter"], tol=p["em_tol"], seed=seed, name=name,
                    covariance="diag" if task.anisotropic else "identity")
 
@@ -48,7 +48,7 @@ def _em_paper(p: dict, seed: int, task) -> object:
 def _em_strong(p: dict, seed: int, task) -> object:
     from pipeline.algorithms import EMStrong
 
-    name = solver_name("em_strong", p, _DEFAULTS, ("strong_restarts", "em_max_iter", "em_tol"))
+    name = solver_name("em_strong", p, _DEFAULTS, FAMILY.solvers["em_strong"].uses)
     return EMStrong(restarts=p["strong_restarts"], max_iter=p["em_max_iter"], tol=p["em_tol"], seed=seed, name=name,
                     covariance="diag" if task.anisotropic else "identity")
 
@@ -56,7 +56,7 @@ def _em_strong(p: dict, seed: int, task) -> object:
 def _spectral(p: dict, seed: int, task) -> object:
     from pipeline.algorithms import Spectral
 
-    name = solver_name("spectral", p, _DEFAULTS, ("spectral_restarts", "spectral_iters"))
+    name = solver_name("spectral", p, _DEFAULTS, FAMILY.solvers["spectral"].uses)
     return Spectral(n_restarts=p["spectral_restarts"], n_iter=p["spectral_iters"], seed=seed, name=name,
                     anisotropic=task.anisotropic)
 
@@ -65,9 +65,12 @@ _DEFAULTS = dataclasses.asdict(C.GMMSolvers())
 
 
 def _em_iterates(batch, steps: list[int], seed: int = 0):
-    """EM (paper protocol) weights/means after each of `steps` iterations: what probing compares with."""
+    """EM (paper protocol) weights/means after each of `steps` iterations: what probing compares with.
+    Step counts start at 1 (the iterates hold no start; a step 0 used to come back as the last iterate)."""
     from pipeline.algorithms import EMPaper
 
+    if not steps or any(int(s) < 1 for s in steps):
+        raise ValueError(f"steps must be EM iteration counts >= 1, got {list(steps)}")
     res = EMPaper(max_iter=max(steps), tol=1e-300, seed=seed, return_iterates=True)(batch)
     its = res.extras["iterates"]
     return [its[min(s, len(its)) - 1] for s in steps]
@@ -90,9 +93,12 @@ class GMMFamily(TaskFamily):
                          "mean over real points of log p(x_i) under the estimated mixture", _loglik),
     }
     solvers = {
-        "em_paper": SolverSpec(_em_paper, "EM as in the TGMM paper: uniform weights, means ~ N(0, I), one run"),
-        "em_strong": SolverSpec(_em_strong, "EM from greedy k-means++ starts, several restarts, best likelihood"),
-        "spectral": SolverSpec(_spectral, "Hsu-Kakade moment method with tensor power iteration; needs K <= d"),
+        "em_paper": SolverSpec(_em_paper, "EM as in the TGMM paper: uniform weights, means ~ N(0, I), one run",
+                               uses=("em_max_iter", "em_tol")),
+        "em_strong": SolverSpec(_em_strong, "EM from greedy k-means++ starts, several restarts, best likelihood",
+                                uses=("strong_restarts", "em_max_iter", "em_tol")),
+        "spectral": SolverSpec(_spectral, "Hsu-Kakade moment method with tensor power iteration; needs K <= d",
+                               uses=("spectral_restarts", "spectral_iters")),
     }
     probe_targets = {"em_paper": _em_iterates}
 
