@@ -50,8 +50,8 @@ def _spec(name: str, steps: int, layers: list[int], max_concurrent: int, every: 
 # The interrupted / lost trials must outlive their first checkpoint by a few seconds (a tiny network
 # trains ~30 steps/s on one thread); fewer checkpoints than one per 10 steps keep Tune's overhead low.
 EVERY = 50
-RESUME_STEPS = 300
-NODELOSS_STEPS = 400
+RESUME_STEPS = 200
+NODELOSS_STEPS = 200
 
 
 @pytest.fixture

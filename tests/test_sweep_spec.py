@@ -279,6 +279,43 @@ def test_param_space(tmp_path, cfg):
     assert spec.n_trials() == 8
 
 
+def test_linreg_results_plot_its_monitor(tmp_path, cfg):
+    """The results table and plots of a linreg sweep ranked by another metric: the family's monitor
+    (val/mse) and the sweep's metric against the swept key, over seeds."""
+    from pipeline.tuning import results as R
+
+    data = {"name": "lr", "study": "linreg", "base": dict(LINREG_BASE), "metric": "train/loss",
+            "params": {"train.lr": {"grid": [1.0e-3, 3.0e-3]}}, "seeds": [0, 1]}
+    spec = S.load_spec(_write(tmp_path, data, "lr.yaml"), cfg)
+    rows = [{"trial_id": f"t{i}", "train.lr": lr, "seed": seed, "status": "COMPLETED", "step": 20,
+             "val/mse": 0.5 + i / 10, "train/loss": 0.9 - i / 10, "train/mse": 0.6}
+            for i, (lr, seed) in enumerate([(1.0e-3, 0), (1.0e-3, 1), (3.0e-3, 0), (3.0e-3, 1)])]
+    files = {f.name for f in R.write(rows, spec, tmp_path / "out")}
+    assert {"results.csv", "results.json", "val_mse_vs_train.lr.png", "val_mse_vs_train.lr.csv",
+            "train_loss_vs_train.lr.png"} <= files
+    assert not any(f.startswith("val_l2") for f in files)
+    table = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert (table["study"], table["unit"], table["metric"], table["best"]["trial_id"]) == \
+        ("linreg", "main", "train/loss", "t3")
+    pts = (tmp_path / "out" / "val_mse_vs_train.lr.csv").read_text().splitlines()
+    assert pts[0] == "train_lr,series,panel,val_mse,low,high,n" and len(pts) == 3  # one point per lr, n = 2 seeds
+
+
+def test_scheduler_counts_the_trials_steps(tmp_path, cfg):
+    """ASHA's max_t defaults to the trials' train.steps: the study's run's (linreg overrides the base
+    `train`), or the longest of base/params."""
+    from pipeline.tuning.runner import build_scheduler
+
+    base = {k: v for k, v in LINREG_BASE.items() if k not in ("train.steps", "train.ckpt_every", "train.val_every")}
+    data = {"study": "linreg", "base": {**base, "train.ckpt_every": 500, "train.val_every": 500},
+            "params": {"train.lr": {"values": [1.0e-3, 3.0e-3]}}, "scheduler": {"type": "asha", "grace_period": 500}}
+    spec = S.load_spec(_write(tmp_path, data, "asha.yaml"), cfg)
+    steps = P.resolve(cfg).run_of("linreg", "main").train.steps
+    assert steps != cfg.train.steps and build_scheduler(spec, cfg)._max_t == steps
+    data = {**data, "params": {"train.steps": {"grid": [1000, 1500]}}}
+    assert build_scheduler(S.load_spec(_write(tmp_path, data, "asha2.yaml"), cfg), cfg)._max_t == 1500
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_specs_validate(name, cfg):
     spec = S.load_spec(REPO / "sweeps" / f"{name}.yaml", cfg)

@@ -9,16 +9,15 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-
-from tests.wandb_log import wandb_records
-
 import torch
 
 from pipeline.core import tracking
 from pipeline.core.config import from_dict
+from tests.wandb_log import wandb_records
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "hunter2-not-a-real-token"
@@ -144,16 +143,26 @@ def test_online_failure_falls_back_to_offline_then_none(tiny_params, tmp_path, m
 
 # ------------------------------------------------------------------------------ offline runs
 
-def _offline_run(run_dir: Path) -> dict:
+def _offline_run(run_dir: Path, timeout: float = 30.0) -> dict:
     """What an offline run recorded, read from its .wandb transaction log: name, group, job type,
-    exit code and config (files/config.yaml preferred for the config if W&B wrote one)."""
+    exit code and config (files/config.yaml preferred for the config if W&B wrote one). W&B's
+    service may still be flushing the log when wandb.finish() returns: read it once it ends with
+    the exit record (or after `timeout` s, as it is)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    info: dict = {"config": {}}
     (log,) = run_dir.glob("run-*.wandb")
-    for raw in wandb_records(log):
-        rec = pb.Record()
-        rec.ParseFromString(raw)
+    deadline = time.monotonic() + timeout
+    while True:
+        records = []
+        for raw in wandb_records(log):
+            rec = pb.Record()
+            rec.ParseFromString(raw)
+            records.append(rec)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    info: dict = {"config": {}}
+    for rec in records:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             info.update(name=rec.run.display_name, group=rec.run.run_group, job_type=rec.run.job_type)
