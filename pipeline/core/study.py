@@ -78,6 +78,15 @@ class Figure:
     where: dict | None = None
 
 
+@dataclass
+class StudySection:
+    """The fields every study's params section has: overrides for all of its networks."""
+
+    task: dict = field(default_factory=dict, metadata={"help": "overrides of task.<family> for every network of the study"})
+    model: dict = field(default_factory=dict, metadata={"help": "overrides of `model` for every network of the study"})
+    train: dict = field(default_factory=dict, metadata={"help": "overrides of `train` for every network of the study"})
+
+
 class Study:
     """Base class of a study declaration."""
 

@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from pipeline.core.config import ConfigError, _f, check_model, model_with
-from pipeline.core.study import Figure, Grid, Method, Study, Unit
+from pipeline.core.study import StudySection, Figure, Grid, Method, Study, Unit
 from pipeline.families.gmm import FAMILY
 from pipeline.families.gmm.config import check_sample_size
 from pipeline.studies.tgmm import GMM_METHODS, eval_set, gmm_tables
@@ -28,7 +28,7 @@ _COUNTS: dict[str, int] = {}  # run identity -> parameter count (meta-device bui
 
 
 @dataclass
-class AblationSection:
+class AblationSection(StudySection):
     d: int = _f(2, "dimension of the backbone ablation and the anisotropic study", min=1)
     n_tasks: int = _f(256, "evaluation tasks per K (as tgmm.n_tasks: the same tasks)", min=1)
     n: int = _f(128, "sample size of every evaluation task", min=2)
@@ -40,9 +40,6 @@ class AblationSection:
     match_params: bool = _f(True, "choose each variant's n_embd so its parameter count is closest to the base "
                                   "network's (depth and heads unchanged)")
     methods: list[str] = _f(list(GMM_METHODS), "classical solvers compared", choices=GMM_METHODS)
-    task: dict = _f({}, "overrides of task.gmm for every network of the study")
-    model: dict = _f({}, "overrides of `model`")
-    train: dict = _f({}, "overrides of `train`")
 
 
 class AblationStudy(Study):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from pipeline.core import rng
 from pipeline.core.config import _f
-from pipeline.core.study import Figure, Grid, Method, Study, Table, Unit
+from pipeline.core.study import StudySection, Figure, Grid, Method, Study, Table, Unit
 from pipeline.families.linreg import FAMILY
 from pipeline.families.linreg.data import sample_linreg
 
@@ -20,13 +20,11 @@ METHODS = tuple(FAMILY.solvers)
 
 
 @dataclass
-class LinRegSection:
+class LinRegSection(StudySection):
     n_tasks: int = _f(1280, "evaluation prompts (Garg et al.: 1280)", min=1)
     methods: list[str] = _f(["least_squares", "averaging", "knn", "gd", "newton"], "classical solvers compared",
                             choices=METHODS)
-    task: dict = _f({}, "overrides of task.linreg for the study's network")
     model: dict = _f({"position": "gpt2"}, "overrides of `model` (the transformer must be causal: position gpt2)")
-    train: dict = _f({}, "overrides of `train`")
 
 
 class LinRegStudy(Study):

@@ -20,7 +20,7 @@ import torch
 
 from pipeline.core import rng
 from pipeline.core.config import ConfigError, _f
-from pipeline.core.study import Figure, Grid, Method, Study, Unit
+from pipeline.core.study import StudySection, Figure, Grid, Method, Study, Unit
 from pipeline.families.gmm import FAMILY
 from pipeline.families.gmm.config import check_sample_size
 from pipeline.families.gmm.data import GMMBatch
@@ -28,7 +28,7 @@ from pipeline.studies.tgmm import GMM_METHODS, gmm_tables
 
 
 @dataclass
-class RobustnessSection:
+class RobustnessSection(StudySection):
     d: int = _f(2, "dimension of the robustness studies", min=1)
     train_n0: list[int] = _f([32, 64, 128], "sample-size shift: one network per training N0", min=2, nonempty=True)
     eval_n: list[int] = _f([16, 32, 64, 128, 256], "sample sizes N at evaluation", min=2, nonempty=True)
@@ -37,9 +37,6 @@ class RobustnessSection:
     n: int = _f(128, "sample size of the shift study's tasks", min=2)
     n_tasks: int = _f(128, "evaluation tasks per cell", min=1)
     methods: list[str] = _f(list(GMM_METHODS), "classical solvers compared", choices=GMM_METHODS)
-    task: dict = _f({}, "overrides of task.gmm for every network of the study")
-    model: dict = _f({}, "overrides of `model`")
-    train: dict = _f({}, "overrides of `train`")
 
 
 def first_points(batch: GMMBatch, N: int) -> GMMBatch:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.core import rng
-from pipeline.core.config import ConfigError, _f
-from pipeline.core.study import Figure, Grid, Method, Study, Table, Unit
+from pipeline.core.config import _f
+from pipeline.core.study import StudySection, Figure, Grid, Method, Study, Table, Unit
 from pipeline.families.gmm import FAMILY
 from pipeline.families.gmm.config import check_sample_size
 
@@ -18,14 +18,11 @@ GMM_METHODS = tuple(FAMILY.solvers)
 
 
 @dataclass
-class TGMMSection:
+class TGMMSection(StudySection):
     dims: list[int] = _f([2, 8], "data dimensions d; one network per d (paper: 2, 8, 32, 128)", min=1, nonempty=True)
     n_tasks: int = _f(256, "evaluation tasks per (d, K) (paper: 1280)", min=1)
     n: int = _f(128, "sample size of every evaluation task (paper: 128)", min=2)
     methods: list[str] = _f(list(GMM_METHODS), "classical solvers compared", choices=GMM_METHODS)
-    task: dict = _f({}, "overrides of task.gmm for every network of the study")
-    model: dict = _f({}, "overrides of `model`")
-    train: dict = _f({}, "overrides of `train`")
 
 
 def eval_set(cfg, task, K: int, n_tasks: int, n: int, device="cpu"):
