@@ -45,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=20, help="timed train steps (after 3 warm-up steps)")
     b.add_argument("--device", default="auto")
     b.add_argument("--skip-baselines", action="store_true")
+    b.add_argument("--vs-anchor", action="store_true",
+                   help="the TGMM train step at paper size against an anchor-style model (HF GPT2Model; needs .[bench])")
+    b.add_argument("--solvers", action="store_true",
+                   help="batched EM / least squares against sklearn GaussianMixture / numpy lstsq, same tasks")
+    b.add_argument("--precision", default=None, help="precision of the project's step (default: train.precision)")
+    b.add_argument("--time-to-quality", action="store_true",
+                   help="train a run until its validation metric reaches --target; print the wall time")
+    b.add_argument("--target", type=float, default=None, help="--time-to-quality: the monitor's target value")
+    b.add_argument("--run", default=None, help="--time-to-quality: run id (default: the study's first network)")
     pr = sub.add_parser("profile", help="print a profile as dvc exp run -S arguments")
     pr.add_argument("name")
     for name, (module, help_text) in EXTENSIONS.items():
@@ -128,6 +137,7 @@ def _run(args, cfg, studies: list[str]) -> int:
         changed = P.write_dvc_yaml(cfg, plan, check=args.check_dvc)
         print(f"plans/: {len(plan.runs)} networks for {len(plan.studies)} studies"
               + ("; dvc.yaml rewritten" if changed else "; dvc.yaml up to date"))
+        print(P.budget_table(cfg, plan)[0])
     elif args.command == "train":
         from pipeline.core.train import train
 
@@ -172,7 +182,21 @@ def _run(args, cfg, studies: list[str]) -> int:
     elif args.command == "bench":
         from pipeline import bench
 
-        bench.run(cfg, studies, steps=args.steps, device=args.device, baselines=not args.skip_baselines)
+        if args.time_to_quality:
+            from pipeline.bench import quality
+
+            if args.target is None:
+                return _fail("bench --time-to-quality: give --target (e.g. --target 0.315 for val/l2)", 2)
+            plan = P.resolve_all(cfg, studies)
+            rid = args.run or next(iter(plan.studies[studies[0]].networks.values()))
+            if rid not in plan.runs:
+                return _fail(f"--run {rid}: not a network of the listed studies (known: {', '.join(plan.runs)})", 2)
+            quality.run(plan.runs[rid], args.target)
+        elif args.vs_anchor or args.solvers:
+            bench.compare(cfg, studies, anchor=args.vs_anchor, solvers=args.solvers, steps=args.steps,
+                          device=args.device, precision=args.precision)
+        else:
+            bench.run(cfg, studies, steps=args.steps, device=args.device, baselines=not args.skip_baselines)
     return 0
 
 

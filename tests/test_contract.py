@@ -140,3 +140,33 @@ def test_study_declaration_fits_together(study):
             assert all((x == y).all() for x, y in zip(batch.to_numpy().values(), again.to_numpy().values()))
     for spec in [*st.tables(cfg), *st.figures(cfg)]:
         assert spec.grid in names and spec.metric in fam.metrics, spec
+
+
+def test_gmm_step_shares_one_sample_size_and_pads_nothing():
+    """n_per=step: every K of a step has the same N ~ U[n0/2, n0], no padding; n_per=task: one N per task."""
+    from pipeline.core import rng
+
+    fam = F.get("gmm")
+    run = make_run("gmm", task={"n0": 16})
+    sizes = set()
+    for step in range(40):
+        g = rng.make_generator(0, rng.TRAIN, step, 0)
+        batches = fam.sample_step(run.task, fam.groups(run.task), 4, g, "cpu", step)
+        ns = {b.N for b in batches.values()}
+        assert len(ns) == 1 and all(bool(b.mask.all()) for b in batches.values())
+        sizes |= ns
+    assert sizes <= set(range(8, 17)) and len(sizes) > 5  # the law of N is kept: U[n0/2, n0]
+    again = fam.sample_step(run.task, fam.groups(run.task), 4, rng.make_generator(0, rng.TRAIN, 3, 0), "cpu", 3)
+    first = fam.sample_step(run.task, fam.groups(run.task), 4, rng.make_generator(0, rng.TRAIN, 3, 0), "cpu", 3)
+    assert all(torch.equal(again[k].x, first[k].x) for k in again)
+    per_task = make_run("gmm", task={"n0": 16, "n_per": "task"}).task
+    b = fam.sample_step(per_task, [2], 64, rng.make_generator(0, rng.TRAIN, 0, 0), "cpu", 0)[2]
+    assert b.N == 16 and len(set(b.n.tolist())) > 3  # padded to n0, sizes differ per task
+
+
+def test_precision_auto_resolves_per_device():
+    from pipeline.core.module import resolve_precision
+
+    assert resolve_precision("32-true", "cpu") == "32-true"
+    assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # an explicit choice is kept
+    assert resolve_precision("auto", "cpu") == "32-true"  # measured slower on CPUs (README)

@@ -109,3 +109,53 @@ def test_dvc_yaml_has_no_hand_kept_params_lists():
     text = (REPO / "dvc.yaml").read_text()
     assert text.count("params.yaml:") == 1  # only the plan stage reads params; every other stage reads its plan file
     assert "train-linreg-main" in text and "evaluate-linreg" in text
+
+
+def test_default_pipeline_declares_every_stage_and_fits_its_budget():
+    """Every stage of the default `dvc repro` has an expected time and the total keeps budget_minutes
+    (a declaration check, not a timing: the measured figures are in the README)."""
+    cfg = load(REPO / "params.yaml")
+    plan = P.resolve(cfg)
+    times = P.expected_times(cfg, plan)
+    stages = P.dvc_stages(cfg, plan, REPO / "sweeps")
+    missing = [k for k in stages if times.get(k) is None]
+    assert not missing, f"stages without an expected time: {missing}"
+    text, total = P.budget_table(cfg, plan)
+    assert total == pytest.approx(sum(times[k] for k in stages))
+    assert total <= 60 * cfg.budget_minutes, text
+    assert "within the budget" in text.splitlines()[-1]
+
+
+def test_expected_times_count_a_shared_network_once_and_flag_overruns():
+    cfg = _cfg(**{"tgmm.expected_s": {"train": 100, "evaluate": 10}, "robustness.expected_s": {"train": 50},
+                  "budget_minutes": 1})
+    plan = P.resolve(cfg)
+    times = P.expected_times(cfg, plan)
+    assert times["train-tgmm-d2"] == 100  # robustness' n0_16 is the same network: tgmm's figure, once
+    assert times["train-robustness-n0_8"] == 50 and times["evaluate-tgmm"] == 10
+    assert times["generate-tgmm"] is None
+    text, total = P.budget_table(cfg, plan)
+    assert "OVER by" in text.splitlines()[-1] and "not declared" in text
+
+
+@pytest.mark.parametrize("over, key", [
+    ({"tgmm.expected_s": {"trian": 5}}, "tgmm.expected_s.trian"),
+    ({"tgmm.expected_s": {"train": {"d3": 5}}}, "tgmm.expected_s.train.d3"),
+    ({"tgmm.expected_s": {"evaluate": -1}}, "tgmm.expected_s.evaluate"),
+    ({"sweeps": {"depth": "soon"}}, "sweeps.depth"),
+])
+def test_bad_expected_times_name_their_key(over, key):
+    from pipeline.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^params.yaml: {key}: "):
+        _cfg(**over)
+
+
+def test_expected_times_rerun_nothing():
+    """An expected time is documentation of the budget: no plan file a stage depends on changes with it."""
+    a, b = _cfg(), _cfg(**{"tgmm.expected_s": {"train": 1, "evaluate": 2}, "sweeps": {}})
+    pa, pb = P.resolve(a), P.resolve(b)
+    assert pa.fingerprints == pb.fingerprints
+    for name in pa.studies:
+        assert P.study_file(a, pa, name) == P.study_file(b, pb, name)
+        assert P.data_file(a, name) == P.data_file(b, name)

@@ -49,44 +49,50 @@ def _masked(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def _log_gauss(x: Tensor, x2: Tensor, means: Tensor, var: Tensor | None) -> Tensor:
-    """log N(x_i | mu_k, diag(var_k)) by the expanded quadratic (no (B,N,K,d) temporary).
+def _log_gauss(xx: Tensor, x2sum: Tensor, means: Tensor, var: Tensor | None) -> Tensor:
+    """log N(x_i | mu_k, diag(var_k)) by the expanded quadratic, one bmm (no (B,N,K,d) temporary).
 
-    x: (B, N, d), x2 = x*x, means: (B, K, d), var: (B, K, d) or None for identity -> (B, N, K).
+    xx = [x*x, x] (B, N, 2d), x2sum = |x|^2 (B, N, 1), means (B, K, d), var (B, K, d) or None for
+    the identity -> (B, N, K).
     """
-    d = x.shape[-1]
+    d = means.shape[-1]
     if var is None:
-        quad = x2.sum(-1, keepdim=True) - 2 * x @ means.transpose(1, 2) + means.pow(2).sum(-1)[:, None, :]
-        return -0.5 * (quad.clamp_min(0) + d * LOG_2PI)
+        quad = torch.baddbmm(x2sum + means.pow(2).sum(-1)[:, None, :], xx[..., d:], means.transpose(1, 2),
+                             alpha=-2)
+        return -0.5 * (quad.clamp_min_(0) + d * LOG_2PI)
     prec = 1.0 / var
-    quad = (x2 @ prec.transpose(1, 2) - 2 * x @ (means * prec).transpose(1, 2)
-            + (means.pow(2) * prec).sum(-1)[:, None, :])
-    return -0.5 * (quad.clamp_min(0) + d * LOG_2PI + torch.log(var).sum(-1)[:, None, :])
+    coef = torch.cat([prec, -2 * means * prec], -1)  # (B, K, 2d): sum_j x_j^2 p_j - 2 x_j mu_j p_j
+    maha = torch.baddbmm((means.pow(2) * prec).sum(-1)[:, None, :], xx, coef.transpose(1, 2))  # (B, N, K)
+    return -0.5 * (maha.clamp_min_(0) + (torch.log(var).sum(-1) + d * LOG_2PI)[:, None, :])
 
 
-def _e_step(x, x2, maskf, n, weights, means, var):
-    """-> log responsibilities (B, N, K) and mean log-likelihood per real point (B,)."""
+def _e_step(xx, x2sum, maskf, n, weights, means, var):
+    """-> responsibilities (B, N, K) and mean log-likelihood per real point (B,).
+    One exp: resp = e / sum(e), e = exp(lj - max_k lj); log p(x_i) = max + log sum(e)."""
     lj = torch.log(weights.clamp_min(1e-300 if weights.dtype == torch.float64 else 1e-30))[:, None, :]
-    lj = lj + _log_gauss(x, x2, means, var)
-    lse = torch.logsumexp(lj, dim=-1)  # (B, N)
-    ll = (lse * maskf).sum(1) / n
-    return lj - lse[..., None], ll
+    lj = lj + _log_gauss(xx, x2sum, means, var)
+    top = lj.amax(-1, keepdim=True)  # (B, N, 1)
+    e = lj.sub_(top).exp_()
+    tot = e.sum(-1, keepdim=True)  # (B, N, 1)
+    ll = ((tot.log() + top)[..., 0] * maskf).sum(1) / n
+    return e.div_(tot), ll
 
 
-def _m_step(x, x2, maskf, log_resp, means_old, var_old, covariance, reg_covar):
+def _m_step(xx, maskf, resp, means_old, var_old, covariance, reg_covar):
     """sklearn's _estimate_gaussian_parameters per task; empty components keep their mean/var."""
-    eps = torch.finfo(x.dtype).eps
-    resp = log_resp.exp() * maskf[..., None]  # (B, N, K)
+    d = means_old.shape[-1]
+    eps = torch.finfo(xx.dtype).eps
+    resp = resp * maskf[..., None]  # (B, N, K)
     nk_raw = resp.sum(1)  # (B, K)
     nk = nk_raw + 10 * eps  # as sklearn: keeps the division finite
     weights = nk / nk.sum(-1, keepdim=True)
-    rt = resp.transpose(1, 2)  # (B, K, N)
-    means = (rt @ x) / nk[..., None]
+    moments = (resp.transpose(1, 2) @ xx) / nk[..., None]  # (B, K, 2d): E[x^2], E[x] per component
+    means = moments[..., d:]
     empty = (nk_raw < 100 * eps)[..., None]  # (B, K, 1): no responsibility left to estimate from
     means = torch.where(empty, means_old, means)
     if covariance == "identity":
         return weights, means, None
-    var = ((rt @ x2) / nk[..., None] - means.pow(2)).clamp_min(0) + reg_covar  # (B, K, d)
+    var = (moments[..., :d] - means.pow(2)).clamp_min(0) + reg_covar  # (B, K, d)
     if covariance == "spherical":
         var = var.mean(-1, keepdim=True).expand_as(var)
     var = torch.where(empty, var_old, var)
@@ -113,7 +119,8 @@ def em_fit(x: Tensor, mask: Tensor, weights0: Tensor, means0: Tensor, scales0: T
     B, N, d = x.shape
     dt, dev = x.dtype, x.device
     x = _masked(x, mask)
-    x2 = x * x
+    xx = torch.cat([x * x, x], -1)  # (B, N, 2d)
+    x2sum = xx[..., :d].sum(-1, keepdim=True)  # (B, N, 1)
     maskf = mask.to(dt)
     n = maskf.sum(1).clamp_min(1)  # (B,)
     weights = weights0.to(device=dev, dtype=dt).expand(B, -1).clone()
@@ -135,7 +142,7 @@ def em_fit(x: Tensor, mask: Tensor, weights0: Tensor, means0: Tensor, scales0: T
     # Converged tasks freeze, so the loop runs on a working set of the tasks still active, shrunk
     # whenever half of it has converged (a few slow tasks then cost little). Tasks do not interact.
     work = torch.arange(B, device=dev)
-    xw, x2w, mw, nw = x, x2, maskf, n
+    xw, x2w, mw, nw = xx, x2sum, maskf, n
     W, M, V, LLp, IT = weights, means, var, ll_prev, n_iter
     act = torch.ones(B, dtype=torch.bool, device=dev)
 
@@ -145,8 +152,8 @@ def em_fit(x: Tensor, mask: Tensor, weights0: Tensor, means0: Tensor, scales0: T
             var[work] = V
 
     for _ in range(max_iter):
-        log_resp, ll = _e_step(xw, x2w, mw, nw, W, M, V)
-        w_new, m_new, v_new = _m_step(xw, x2w, mw, log_resp, M, V, covariance, reg_covar)
+        resp, ll = _e_step(xw, x2w, mw, nw, W, M, V)
+        w_new, m_new, v_new = _m_step(xw, mw, resp, M, V, covariance, reg_covar)
         a1, a2 = act[:, None], act[:, None, None]
         W, M = torch.where(a1, w_new, W), torch.where(a2, m_new, M)
         if V is not None:
@@ -165,12 +172,12 @@ def em_fit(x: Tensor, mask: Tensor, weights0: Tensor, means0: Tensor, scales0: T
             write_back()
             keep = act.nonzero()[:, 0]
             work = work[keep]
-            xw, x2w, mw, nw = x[work], x2[work], maskf[work], n[work]
+            xw, x2w, mw, nw = xx[work], x2sum[work], maskf[work], n[work]
             W, M, LLp, IT = weights[work], means[work], ll_prev[work], n_iter[work]
             V = None if var is None else var[work]
             act = torch.ones(n_act, dtype=torch.bool, device=dev)
     write_back()
-    _, ll_final = _e_step(x, x2, maskf, n, weights, means, var)
+    _, ll_final = _e_step(xx, x2sum, maskf, n, weights, means, var)
     scales = None if var is None else var.sqrt()
     return EMResult(weights, means, scales, ll_final, n_iter, iterates)
 

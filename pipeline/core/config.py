@@ -89,8 +89,11 @@ class TrainConfig:
     accelerator: str = _f("auto", "auto | cpu | gpu", choices=("auto", "cpu", "gpu", "cuda"))
     devices: Any = _f(1, "number of devices, or 'auto'", types=(int, str))
     strategy: str = _f("auto", "auto | ddp | ddp_spawn", choices=("auto", "ddp", "ddp_spawn"))
-    precision: str = _f("32-true", "32-true | bf16-mixed | 16-mixed",
-                        choices=("32-true", "32", "bf16-mixed", "16-mixed", "64-true"))
+    precision: str = _f("32-true", "32-true | bf16-mixed | 16-mixed | auto (bf16-mixed on a CUDA device with "
+                                   "bf16, else 32-true: bf16 autocast measured slower on CPUs)",
+                        choices=("32-true", "32", "bf16-mixed", "16-mixed", "64-true", "auto"))
+    compile: bool = _f(False, "torch.compile the backbone (dynamic shapes; the compile time is paid once per "
+                              "process, cached on disk across runs); a speed key, not part of a network's identity")
     ckpt_every: int = _f(250, "save last.ckpt every this many steps (resume point)", min=1)
     log_every: int = _f(25, "log training metrics every this many steps", min=1)
     val_every: int = _f(250, "score the network on fixed validation tasks every this many steps", min=1)
@@ -100,7 +103,7 @@ class TrainConfig:
 # Keys that cannot change the trained network: left out of its identity (fingerprint), so editing
 # them neither retrains nor invalidates it. (devices: the data of a step are drawn per rank, but
 # a run keeps its identity across hardware; a checkpoint resumes on other hardware too.)
-NOT_IDENTITY = {"train": ("log_every", "ckpt_every", "val_every", "devices", "accelerator", "strategy")}
+NOT_IDENTITY = {"train": ("log_every", "ckpt_every", "val_every", "devices", "accelerator", "strategy", "compile")}
 
 
 @dataclass
@@ -122,6 +125,10 @@ class _Top:
     seed: int = _f(0, "master seed: training data, evaluation sets and baselines derive from it", min=0)
     out_dir: str = _f("outputs", "where networks, results, figures and W&B runs are written")
     studies: list[str] = _f([], "the studies `dvc repro` runs (studies/__init__.py lists them)", nonempty=True)
+    sweeps: dict = _f({}, "the Ray Tune sweeps `dvc repro` runs: name (sweeps/<name>.yaml) -> expected seconds "
+                          "on the reference machine")
+    budget_minutes: float = _f(15.0, "time budget of the whole default `dvc repro` on the reference machine "
+                                     "(2 CPU cores); `python -m pipeline plan` prints the expected total", gt=0)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -140,6 +147,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    sweeps: dict = field(default_factory=dict)
+    budget_minutes: float = 15.0
     task: dict = field(default_factory=dict)
     baselines: dict = field(default_factory=dict)
     sections: dict = field(default_factory=dict)
@@ -149,8 +158,8 @@ class Config:
 
     def to_dict(self) -> dict:
         out = {k: dataclasses.asdict(getattr(self, k)) if dataclasses.is_dataclass(getattr(self, k))
-               else copy.deepcopy(getattr(self, k)) for k in ("seed", "out_dir", "studies", "model", "train",
-                                                              "eval", "wandb")}
+               else copy.deepcopy(getattr(self, k)) for k in ("seed", "out_dir", "studies", "sweeps", "budget_minutes",
+                                                              "model", "train", "eval", "wandb")}
         out["task"] = {f: dataclasses.asdict(t) for f, t in self.task.items()}
         out["baselines"] = {f: dataclasses.asdict(b) for f, b in self.baselines.items()}
         out.update({s: dataclasses.asdict(c) for s, c in self.sections.items()})
@@ -412,8 +421,13 @@ def _build_config(data: dict) -> Config:
         families[section] = {f: _build(getattr(F.get(f), "TaskConfig" if section == "task" else "SolverConfig"),
                                        raw.get(f) or {}, f"{section}.{f}") for f in F.names()}
     sections = {s: _build(S.get(s).Config, data.get(s) or {}, s) for s in S.names()}
+    for name, sec in top.sweeps.items():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)):
+            raise ConfigError(f"sweeps.{name}: not a sweep name (sweeps/<name>.yaml)")
+        if isinstance(sec, bool) or not isinstance(sec, (int, float)) or sec < 0:
+            raise ConfigError(f"sweeps.{name}: expected the sweep's expected seconds (a number >= 0), got {sec!r}")
     return Config(seed=top.seed, out_dir=top.out_dir, studies=top.studies, model=top.model, train=top.train,
-                  eval=top.eval, wandb=top.wandb, task=families["task"], baselines=families["baselines"],
+                  eval=top.eval, wandb=top.wandb, sweeps=top.sweeps, budget_minutes=top.budget_minutes, task=families["task"], baselines=families["baselines"],
                   sections=sections)
 
 

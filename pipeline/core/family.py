@@ -110,6 +110,12 @@ class TaskFamily:
         """Training/validation tasks; step=None means the final (post-curriculum) distribution."""
         raise NotImplementedError
 
+    def sample_step(self, task, groups: list, batch_size: int, generator, device, step: int) -> dict:
+        """One training step's batches {group: batch}, all drawn from `generator` (seeded by
+        (seed, TRAIN, step, rank)). Default: sample() per group in turn; a family overrides it when
+        a step's groups should share a draw (e.g. one sample size, so that nothing is padded)."""
+        return {g: self.sample(task, g, batch_size, generator, device, step) for g in groups}
+
     def group_label(self, group) -> str:
         """How a group shows in metric names, e.g. 'K=3' (train/l2/K=3)."""
         return str(group)

@@ -82,7 +82,67 @@ def _resolve(cfg: Config, studies: list[str] | None) -> Plan:
             nets[unit.name] = by_fp[fp]
             labels[unit.name] = unit.label
         plan.studies[name] = StudyPlan(name, st.family, nets, labels)
+        _check_expected(cfg, name, list(nets))
     return plan
+
+
+# ----------------------------------------------------------------------------- time budget
+
+STAGE_KINDS = ("train", "generate", "evaluate", "report")
+PLAN_STAGE_S = 5.0  # the plan stage itself (resolving every study, writing plans/)
+
+
+def _check_expected(cfg: Config, study: str, units: list[str]) -> None:
+    exp = cfg.section(study).expected_s
+    for kind, v in exp.items():
+        where = f"{study}.expected_s.{kind}"
+        if kind not in STAGE_KINDS:
+            raise ConfigError(f"{where}: unknown stage kind (allowed: {', '.join(STAGE_KINDS)})")
+        values = v.items() if kind == "train" and isinstance(v, dict) else [(None, v)]
+        for unit, sec in values:
+            if unit is not None and unit not in units:
+                raise ConfigError(f"{where}.{unit}: not a network of the study (its units: {', '.join(units)})")
+            if isinstance(sec, bool) or not isinstance(sec, (int, float)) or sec < 0:
+                raise ConfigError(f"{where}{'' if unit is None else '.' + unit}: expected seconds (a number >= 0), "
+                                  f"got {sec!r}")
+
+
+def expected_times(cfg: Config, plan: Plan) -> dict[str, float | None]:
+    """Each dvc stage's expected wall time (s) on the reference machine, from the studies'
+    `expected_s` and `sweeps`; None where a study declares none. A network shared by two studies is
+    one stage, counted once (at the first study that trains it)."""
+    out: dict[str, float | None] = {"plan": PLAN_STAGE_S}
+    for name, sp in plan.studies.items():
+        exp = cfg.section(name).expected_s
+        train = exp.get("train")
+        for unit, rid in sp.networks.items():
+            sec = train.get(unit) if isinstance(train, dict) else train
+            if out.get(f"train-{rid}") is None:
+                out[f"train-{rid}"] = None if sec is None else float(sec)
+        for kind in STAGE_KINDS[1:]:
+            out[f"{kind}-{name}"] = None if exp.get(kind) is None else float(exp[kind])
+    for name, sec in cfg.sweeps.items():
+        out[f"sweep-{name}"] = float(sec)
+    return out
+
+
+def budget_table(cfg: Config, plan: Plan) -> tuple[str, float]:
+    """The planned stages with their expected times, the total and the budget: (text, total seconds)."""
+    times = expected_times(cfg, plan)
+    order = list(dvc_stages(cfg, plan))
+    width = max(len(k) for k in order)
+    lines = [f"planned stages (expected wall time on the reference machine, 2 CPU cores):"]
+    for k in order:
+        t = times.get(k)
+        lines.append(f"  {k:<{width}}  {'not declared' if t is None else f'{t:7.0f} s'}")
+    total = sum(t for t in times.values() if t is not None)
+    missing = [k for k in order if times.get(k) is None]
+    budget = 60 * cfg.budget_minutes
+    verdict = "within" if total <= budget else f"OVER by {(total - budget) / 60:.1f} min:"
+    lines.append(f"  {'total':<{width}}  {total:7.0f} s = {total / 60:.1f} min, {verdict} the budget of "
+                 f"{cfg.budget_minutes:g} min (budget_minutes)" + (f"; {len(missing)} stages not declared"
+                                                                  if missing else ""))
+    return "\n".join(lines), total
 
 
 def run_dir(cfg_or_out: Config | str, run_id: str) -> Path:
@@ -127,7 +187,8 @@ def study_file(cfg: Config, plan: Plan, name: str) -> dict:
     from pipeline import studies as S
 
     st, sp = S.get(name), plan.studies[name]
-    return {"study": name, "family": st.family, "seed": cfg.seed, "section": dataclasses.asdict(st.section(cfg)),
+    section = {k: v for k, v in dataclasses.asdict(st.section(cfg)).items() if k != "expected_s"}
+    return {"study": name, "family": st.family, "seed": cfg.seed, "section": section,
             "task": dataclasses.asdict(cfg.task[st.family]), "baselines": st.solver_params(cfg),
             "eval": dataclasses.asdict(cfg.eval),
             "networks": {u: {"run": r, "fingerprint": plan.fingerprints[r]} for u, r in sp.networks.items()}}
@@ -142,7 +203,7 @@ def data_file(cfg: Config, name: str) -> dict:
 
     st = S.get(name)
     section = {k: v for k, v in dataclasses.asdict(st.section(cfg)).items()
-               if k not in ("model", "train", "methods", "task")}
+               if k not in ("model", "train", "methods", "task", "expected_s")}
     return {"study": name, "family": st.family, "seed": cfg.seed, "task": dataclasses.asdict(st.task(cfg)),
             "section": section}
 
@@ -250,7 +311,11 @@ def dvc_stages(cfg: Config, plan: Plan, sweeps_root: Path = Path("sweeps")) -> d
             "outs": [{f"{sdir}/report/{k}": {"cache": False}} for k in ("figures", "plots", "report.md")],
             "metrics": [{f"{sdir}/report/metrics.json": {"cache": False}}],
         }
-    for name in sweep_names(sweeps_root):
+    known = sweep_names(sweeps_root)
+    for name in cfg.sweeps:
+        if name not in known:
+            raise ConfigError(f"sweeps.{name}: no file {sweeps_root / (name + '.yaml')} (known sweeps: "
+                              f"{', '.join(known) or 'none'})")
         stages[f"sweep-{name}"] = {
             "cmd": f"python -m pipeline sweep sweeps/{name}.yaml --fresh",
             "deps": [f"sweeps/{name}.yaml", f"plans/sweeps/{name}.json", "pipeline/tuning"],

@@ -85,6 +85,9 @@ class StudySection:
     task: dict = field(default_factory=dict, metadata={"help": "overrides of task.<family> for every network of the study"})
     model: dict = field(default_factory=dict, metadata={"help": "overrides of `model` for every network of the study"})
     train: dict = field(default_factory=dict, metadata={"help": "overrides of `train` for every network of the study"})
+    expected_s: dict = field(default_factory=dict, metadata={
+        "help": "expected wall time (s) of the study's stages on the reference machine (2 CPU cores): "
+                "train (each network, or {unit: s}), generate, evaluate, report; `plan` sums them"})
 
 
 class Study:

@@ -30,7 +30,7 @@ from pipeline.core import tracking
 from pipeline.core.config import RunConfig
 from pipeline.core.fingerprint import fingerprint as run_fingerprint
 from pipeline.core.errors import NonFiniteLossError, TrainingInterrupted
-from pipeline.core.module import TaskModule
+from pipeline.core.module import TaskModule, resolve_precision
 from pipeline.core.network import Network, save_network
 
 
@@ -80,6 +80,10 @@ def _accelerator(run: RunConfig) -> str:
     return a
 
 
+def _uses_cuda(run: RunConfig) -> bool:
+    return run.train.accelerator in ("gpu", "cuda") or (run.train.accelerator == "auto" and torch.cuda.is_available())
+
+
 def build_trainer(run: RunConfig, out_dir: Path, callbacks: list, loggers: list, *, progress_bar: bool,
                   fast_dev_run: bool | int = False) -> pl.Trainer:
     t = run.train
@@ -91,7 +95,8 @@ def build_trainer(run: RunConfig, out_dir: Path, callbacks: list, loggers: list,
     if loggers:
         cbs.append(LearningRateMonitor(logging_interval="step"))
     return pl.Trainer(
-        accelerator=_accelerator(run), devices=t.devices, strategy=t.strategy, precision=t.precision,
+        accelerator=_accelerator(run), devices=t.devices, strategy=t.strategy,
+        precision=resolve_precision(t.precision, "cuda" if _uses_cuda(run) else "cpu"),
         max_steps=t.steps, max_epochs=-1, val_check_interval=min(t.val_every, t.steps),
         check_val_every_n_epoch=None, num_sanity_val_steps=0, limit_val_batches=1,
         gradient_clip_val=t.grad_clip or None, log_every_n_steps=t.log_every, logger=loggers or False,
@@ -126,6 +131,8 @@ def train(run: RunConfig, out_dir: str | Path, *, callbacks: list | None = None,
 
     pl.seed_everything(run.seed, workers=True, verbose=False)  # parameter initialisation
     module = TaskModule(run.to_dict())
+    if run.train.compile:
+        module.net.backbone.compile(dynamic=True)  # in place: parameter names (checkpoints) unchanged
     # The curve of a resumed run continues in a file of its own, so nothing already logged is lost.
     version = "" if resumed_step is None else f"resumed-step{resumed_step}"
     loggers: list = [CSVLogger(str(out_dir), name="log", version=version)]
@@ -143,6 +150,7 @@ def train(run: RunConfig, out_dir: str | Path, *, callbacks: list | None = None,
         trainer.fit(module, train_dataloaders=DataLoader(_Ticks(), batch_size=None),
                     val_dataloaders=_one_batch(), ckpt_path=str(ckpt_path) if ckpt_path else None,
                     weights_only=True)
+        module.check_finite(weights=True)  # never save a non-finite network
         if monitor not in trainer.callback_metrics:  # e.g. resumed from a finished checkpoint: fit was a no-op
             trainer.validate(module, dataloaders=_one_batch(), verbose=False)
         exit_code = 0

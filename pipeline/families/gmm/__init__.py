@@ -130,6 +130,14 @@ class GMMFamily(TaskFamily):
                           max_cosine=task.max_cosine, weight_low=task.weight_low, weight_high=task.weight_high,
                           anisotropic=task.anisotropic)
 
+    def sample_step(self, task, groups, batch_size, generator, device, step):
+        """n_per = "step": one N ~ U[n0/2, n0] for the whole step (every K), so no task is padded;
+        each task's N keeps its U[n0/2, n0] law, only tasks of one step share it."""
+        if task.n_per == "task":
+            return super().sample_step(task, groups, batch_size, generator, device, step)
+        n = int(torch.randint(task.n0 // 2, task.n0 + 1, (1,), generator=generator, device=device))
+        return {K: self.sample(task, K, batch_size, generator, device, None, n=n) for K in groups}
+
     def read_in(self, task, model):
         from pipeline.families.gmm.net import ReadIn
 

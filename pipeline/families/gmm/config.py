@@ -11,7 +11,10 @@ class GMMTask:
     d: int = _f(2, "data dimension (a study such as tgmm trains one network per d)", min=1)
     ks: list[int] = _f([2, 3, 4, 5], "numbers of components K; one shared backbone, one read-out per K",
                        min=2, max=8, nonempty=True)
-    n0: int = _f(128, "training sample size: N ~ U[n0/2, n0], padded and masked", min=2)
+    n0: int = _f(128, "training sample size: N ~ U[n0/2, n0]", min=2)
+    n_per: str = _f("step", "training: step = one N per step shared by all its tasks (no padding: the fast "
+                            "unmasked attention, 25 % fewer tokens); task = one N per task, padded to n0 and masked",
+                    choices=("step", "task"))
     mean_range: float = _f(5.0, "mean coordinates ~ U(-mean_range, mean_range)", gt=0)
     max_cosine: float = _f(0.8, "redraw a task while two means have cosine >= this", gt=-1, max=1)
     weight_low: float = _f(0.2, "mixing weights ~ U(weight_low, weight_high), then normalised", gt=0)

@@ -21,25 +21,33 @@ def matched_loss(logits: Tensor, means: Tensor, batch: GMMBatch, scales: Tensor 
 
     cost(sigma) = mean_k,j (mu_hat_sigma(k),j - mu_k,j)^2  +  KL(pi || softmax(logits)_sigma)
                   [+ mean squared error of log-scales when the network predicts scales]
-    perms[p, k] = index of the prediction matched to true component k. Returns the loss (mean over
-    tasks of the minimal cost) and, for monitoring, the paper's l2 metric at the matching that
-    minimises it.
+    Every term is a sum over true components k of a pairwise cost C[k, sigma(k)], so the costs of
+    all permutations come from one (B, K, K) matrix gathered along perms (P, K) (perms[p, k] = the
+    prediction matched to true component k): (B, K, K, d) work instead of (B, K!, K, d). Returns
+    the loss (mean over tasks of the minimal cost) and, for monitoring, the paper's l2 metric at the
+    matching that minimises it.
     """
     B, K, d = means.shape
     P = _perms(K).to(means.device)  # (P, K)
+    ks = torch.arange(K, device=means.device)
     means, logits = means.float(), logits.float()
-    pm = means[:, P]  # (B, P, K, d)
-    mse = (pm - batch.means[:, None]).pow(2).mean(dim=(-1, -2))  # (B, P)
-    logp = F.log_softmax(logits, -1)[:, P]  # (B, P, K)
-    w = batch.weights[:, None]  # (B, 1, K)
-    kl = (w * (torch.log(w) - logp)).sum(-1)  # (B, P)
-    cost = mse + kl
+
+    def over_perms(C: Tensor) -> Tensor:  # pairwise (B, K true, K predicted) -> per permutation (B, P)
+        return C[:, ks, P].sum(-1)
+
+    # pairwise[b, k, j]: true component k matched with prediction j
+    c_mse = (means[:, None, :, :] - batch.means[:, :, None, :]).pow(2).sum(-1) / (K * d)  # (B, K, K)
+    w = batch.weights  # (B, K)
+    c_kl = w[:, :, None] * (torch.log(w)[:, :, None] - F.log_softmax(logits, -1)[:, None, :])  # (B, K, K)
+    pair = c_mse + c_kl
     if scales is not None and batch.scales is not None:
-        cost = cost + (torch.log(scales.float()[:, P]) - torch.log(batch.scales[:, None])).pow(2).mean(dim=(-1, -2))
+        ls, lt = torch.log(scales.float()), torch.log(batch.scales)
+        pair = pair + (ls[:, None, :, :] - lt[:, :, None, :]).pow(2).sum(-1) / (K * d)
+    cost = over_perms(pair)  # (B, P)
     best = cost.argmin(1)  # (B,)
-    loss = cost.gather(1, best[:, None]).mean()
+    pick = lambda t: t.gather(1, best[:, None]).mean()  # noqa: E731
+    mse = over_perms(c_mse)
     with torch.no_grad():  # the paper's metric: (1/K) sum_k [ |dmu|^2/d + dpi^2 ], minimised over sigma
-        pw = torch.softmax(logits, -1)[:, P]
-        l2 = (mse + (pw - batch.weights[:, None]).pow(2).mean(-1)).min(1).values
-    return {"loss": loss, "mse": mse.gather(1, best[:, None]).mean(), "kl": kl.gather(1, best[:, None]).mean(),
-            "l2": l2.mean()}
+        c_w = (torch.softmax(logits, -1)[:, None, :] - w[:, :, None]).pow(2) / K  # (B, K, K)
+        l2 = over_perms(c_mse.detach() + c_w).min(1).values
+    return {"loss": pick(cost), "mse": pick(mse), "kl": pick(over_perms(c_kl)), "l2": l2.mean()}

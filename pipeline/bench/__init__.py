@@ -25,7 +25,9 @@ def train_throughput(run: RunConfig, steps: int, device: torch.device, warmup: i
 
     module = TaskModule(run.to_dict()).to(device)
     opt = torch.optim.AdamW(module.parameters(), lr=run.train.lr)
-    autocast = run.train.precision.startswith("bf16")
+    precision = module.resolved_precision()
+    autocast = precision.startswith("bf16")
+    params = list(module.parameters())
     t_sample = t_total = 0.0
     for step in range(warmup + steps):
         _sync(device)
@@ -38,6 +40,8 @@ def train_throughput(run: RunConfig, steps: int, device: torch.device, warmup: i
         loss = torch.stack([v["loss"] for v in losses.values()]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if run.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, run.train.grad_clip)
         opt.step()
         _sync(device)
         t2 = time.perf_counter()
@@ -47,7 +51,7 @@ def train_throughput(run: RunConfig, steps: int, device: torch.device, warmup: i
     tasks = run.train.batch_size * len(module.net.groups) * steps
     n_params = sum(p.numel() for p in module.net.parameters())
     return {"params": n_params, "step_ms": 1e3 * t_total / steps, "tasks_per_s": tasks / t_total,
-            "sampling_share": t_sample / t_total, "net": module.net}
+            "sampling_share": t_sample / t_total, "precision": precision, "net": module.net}
 
 
 def run(cfg: Config, studies: list[str], steps: int = 20, device: str = "auto", baselines: bool = True) -> dict:
@@ -98,4 +102,28 @@ def run(cfg: Config, studies: list[str], steps: int = 20, device: str = "auto", 
             note = "" if ok else f" (not applicable: {est.reason})"
             print(f"    {solver.name:<24} {dt * 1e3:9.1f} ms  ({1e3 * dt / batch.B:.3f} ms/task){note}")
             out[f"{name}/solver/{solver.name}"] = dt
+    return out
+
+
+def compare(cfg: Config, studies: list[str], anchor: bool, solvers: bool, steps: int = 6, device: str = "auto",
+            precision: str | None = None) -> dict:
+    """The side-by-side measurements: --vs-anchor (bench/anchor.py) and --solvers (bench/solvers.py)."""
+    from pipeline.core import plan as P
+    from pipeline.core.evaluate import resolve_device
+
+    out: dict = {}
+    if anchor:
+        from pipeline.bench import anchor as A
+
+        plan = P.resolve_all(cfg, studies)
+        gmm = [rid for rid, r in plan.runs.items() if r.family == "gmm" and r.model.backbone == "transformer"]
+        if not gmm:
+            raise SystemExit("error: bench --vs-anchor needs a listed study that trains a gmm transformer (e.g. tgmm)")
+        print(f"device {resolve_device(device)} | torch {torch.__version__} | base run {gmm[0]}")
+        out["anchor"] = A.run(plan.runs[gmm[0]], steps=steps, device=str(resolve_device(device)),
+                              precision=precision)
+    if solvers:
+        from pipeline.bench import solvers as B
+
+        out["solvers"] = B.run()
     return out
