@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 import warnings
 
 
@@ -101,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             over = C.profile_overrides(args.name)
         except C.ConfigError as e:
             return _fail(str(e), 2)
-        print(" ".join(f"-S '{k}={_yaml_value(v)}'" for k, v in C.flatten(over).items()))
+        base = C.flatten(C._read_yaml(Path(args.params)))
+        # a key params.yaml lacks (e.g. a new ablation variant) is added with hydra's `++`
+        print(" ".join(f"-S '{'' if k in base else '++'}{k}={_yaml_value(v)}'" for k, v in C.flatten(over).items()))
         return 0
     os.environ.setdefault("WANDB_SILENT", "true")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
