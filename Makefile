@@ -14,7 +14,7 @@ export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/tmp/site-cache
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run plan test test-slow test-all paper bench validate clean
+.PHONY: install run plan test test-slow test-all paper full-cpu bench validate clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,10 @@ test-all: install
 # The paper-scale setting (TGMM: 12 layers, width 128, d in {2, 8, 32, 128}; linreg: Garg's 12 x 256, d = 20) as a DVC experiment.
 paper: install
 	eval $(BIN)/dvc exp run -n paper $$($(BIN)/python -m pipeline profile paper)
+
+# The sizes before the 15-minute budget (about 48 min on 2 CPU cores): docs/results-full-cpu.md.
+full-cpu: install
+	eval $(BIN)/dvc exp run -n full-cpu $$($(BIN)/python -m pipeline profile full-cpu)
 
 bench: install
 	$(BIN)/python -m pipeline bench

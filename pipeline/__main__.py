@@ -51,10 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--solvers", action="store_true",
                    help="batched EM / least squares against sklearn GaussianMixture / numpy lstsq, same tasks")
     b.add_argument("--precision", default=None, help="precision of the project's step (default: train.precision)")
+    b.add_argument("--compare", action="append", default=None, metavar="K=V[,K=V]",
+                   help="time the --run (default: the study's first network) as configured against this variant "
+                        "of its run keys, interleaved (repeatable), e.g. --compare task.n_per=task")
     b.add_argument("--time-to-quality", action="store_true",
                    help="train a run until its validation metric reaches --target; print the wall time")
     b.add_argument("--target", type=float, default=None, help="--time-to-quality: the monitor's target value")
-    b.add_argument("--run", default=None, help="--time-to-quality: run id (default: the study's first network)")
+    b.add_argument("--run", default=None, help="--compare / --time-to-quality: run id (default: the study's first network)")
     pr = sub.add_parser("profile", help="print a profile as dvc exp run -S arguments")
     pr.add_argument("name")
     for name, (module, help_text) in EXTENSIONS.items():
@@ -185,7 +188,13 @@ def _run(args, cfg, studies: list[str]) -> int:
     elif args.command == "bench":
         from pipeline import bench
 
-        if args.time_to_quality:
+        if args.compare:
+            plan = P.resolve_all(cfg, studies)
+            rid = args.run or next(iter(plan.studies[studies[0]].networks.values()))
+            if rid not in plan.runs:
+                return _fail(f"--run {rid}: not a network of the listed studies (known: {', '.join(plan.runs)})", 2)
+            bench.compare_variants(plan.runs[rid], args.compare, steps=args.steps, device=args.device)
+        elif args.time_to_quality:
             from pipeline.bench import quality
 
             if args.target is None:

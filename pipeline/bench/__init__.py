@@ -20,38 +20,89 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_throughput(run: RunConfig, steps: int, device: torch.device, warmup: int = 3) -> dict:
-    from pipeline.core.module import TaskModule
+class _Stepper:
+    """One network's real train step (sample on the device, forward over every group, the family's
+    loss, backward, clipping, AdamW), timed as (sampling, total) seconds per call."""
 
-    module = TaskModule(run.to_dict()).to(device)
-    opt = torch.optim.AdamW(module.parameters(), lr=run.train.lr)
-    precision = module.resolved_precision()
-    autocast = precision.startswith("bf16")
-    params = list(module.parameters())
+    def __init__(self, run: RunConfig, device: torch.device):
+        from pipeline.core.module import TaskModule
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(run.seed)  # the same initialisation for every variant
+            self.module = TaskModule(run.to_dict()).to(device)
+        if run.train.compile:
+            self.module.net.backbone.compile(dynamic=True)
+        self.run, self.device = run, device
+        self.params = list(self.module.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=run.train.lr)
+        self.precision = self.module.resolved_precision()
+
+    def __call__(self, step: int) -> tuple[float, float]:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        batches = self.module.training_tasks(step, 0, 1)
+        _sync(self.device)
+        t1 = time.perf_counter()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision.startswith("bf16")):
+            losses = self.module._losses(batches)
+        loss = torch.stack([v["loss"] for v in losses.values()]).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.run.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.run.train.grad_clip)
+        self.opt.step()
+        _sync(self.device)
+        return time.perf_counter() - t0, t1 - t0
+
+
+def train_throughput(run: RunConfig, steps: int, device: torch.device, warmup: int = 3) -> dict:
+    st = _Stepper(run, device)
     t_sample = t_total = 0.0
     for step in range(warmup + steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        batches = module.training_tasks(step, 0, 1)
-        _sync(device)
-        t1 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            losses = module._losses(batches)
-        loss = torch.stack([v["loss"] for v in losses.values()]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if run.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, run.train.grad_clip)
-        opt.step()
-        _sync(device)
-        t2 = time.perf_counter()
+        total, sampling = st(step)
         if step >= warmup:
-            t_sample += t1 - t0
-            t_total += t2 - t0
-    tasks = run.train.batch_size * len(module.net.groups) * steps
-    n_params = sum(p.numel() for p in module.net.parameters())
+            t_sample += sampling
+            t_total += total
+    tasks = run.train.batch_size * len(st.module.net.groups) * steps
+    n_params = sum(p.numel() for p in st.module.net.parameters())
     return {"params": n_params, "step_ms": 1e3 * t_total / steps, "tasks_per_s": tasks / t_total,
-            "sampling_share": t_sample / t_total, "precision": precision, "net": module.net}
+            "sampling_share": t_sample / t_total, "precision": st.precision, "net": st.module.net}
+
+
+def compare_variants(run: RunConfig, variants: list[str], steps: int = 30, device: str = "auto",
+                     warmup: int = 3) -> dict:
+    """`bench --compare K=V[,K=V...]` (repeatable): the run as configured against each variant (run
+    keys, e.g. task.n_per=task or train.precision=bf16-mixed), steps interleaved in one process so
+    that drift in the machine's speed hits all alike; median ms/step and the ratio to the base."""
+    import statistics
+
+    import yaml
+
+    from pipeline.core.config import ConfigError, RunConfig as R, deep_merge, unflatten
+    from pipeline.core.evaluate import resolve_device
+
+    dev = resolve_device(device)
+    steppers = {"as configured": _Stepper(run, dev)}
+    for v in variants:
+        over = {}
+        for kv in v.split(","):
+            if "=" not in kv:
+                raise ConfigError(f"bench --compare {v!r}: expected KEY=VALUE[,KEY=VALUE...] of run keys")
+            k, val = kv.split("=", 1)
+            over[k.strip()] = yaml.safe_load(val)
+        steppers[v] = _Stepper(R.from_dict(deep_merge(run.to_dict(), unflatten(over)), where=f"--compare {v}"), dev)
+    times: dict[str, list[float]] = {k: [] for k in steppers}
+    for step in range(warmup + steps):
+        for k, st in steppers.items():
+            total, _ = st(step)
+            if step >= warmup:
+                times[k].append(total)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["as configured"]
+    print(f"{run.name}: {steps} interleaved steps per variant (median), device {dev}, threads {torch.get_num_threads()}")
+    for k, m in med.items():
+        print(f"  {k:<40} {1e3 * m:8.1f} ms/step  {base / m:5.2f}x  (precision {steppers[k].precision})")
+    return med
 
 
 def run(cfg: Config, studies: list[str], steps: int = 20, device: str = "auto", baselines: bool = True) -> dict:
