@@ -112,9 +112,9 @@ def test_ablation_sets_are_the_tgmm_tasks(done):
     sec = cfg.section("ablation")
     b = eval_set(cfg, S.get("tgmm").task(cfg, d=2), 3, sec.n_tasks, sec.n).to_numpy()  # what tgmm draws
     assert all(np.array_equal(a[k], b[k]) for k in b)
-    default = load(REPO / "params.yaml")  # ... and by default the ablation evaluates exactly tgmm's tasks
-    assert (default.section("ablation").n_tasks, default.section("ablation").n) == \
-        (default.section("tgmm").n_tasks, default.section("tgmm").n)
+    full = load(REPO / "params.yaml", profile="full-cpu")  # ... and at full-cpu sizes exactly tgmm's tasks
+    assert (full.section("ablation").n_tasks, full.section("ablation").n) == \
+        (full.section("tgmm").n_tasks, full.section("tgmm").n)
     aniso = load_arrays(set_path("ablation", "anisotropic", {"K": 3}, root / "data" / "ablation"))[0]
     assert "scales" in aniso and not np.array_equal(aniso["x"], a["x"])
 
@@ -163,12 +163,15 @@ def test_default_ablation_widths_match_parameter_counts():
     """At the default params each variant's parameter count is within 5 % of the base network's."""
     from pipeline.core.network import count_parameters
 
-    cfg = load(REPO / "params.yaml")
-    plan = P.resolve(cfg)
-    counts = {u: count_parameters(plan.runs[r]) for u, r in plan.studies["ablation"].networks.items()}
-    base = counts["transformer"]
-    for u, c in counts.items():
-        if u != "anisotropic":
-            assert abs(c - base) / base < 0.05, (u, c, base)
-    assert plan.studies["ablation"].networks["transformer"] == "tgmm-d2"
-    assert plan.studies["robustness"].networks["n0_128"] == "tgmm-d2"
+    for profile, base_run in ((None, "robustness-n0_64"), ("full-cpu", "tgmm-d2")):
+        cfg = load(REPO / "params.yaml", profile=profile)
+        plan = P.resolve(cfg)
+        counts = {u: count_parameters(plan.runs[r]) for u, r in plan.studies["ablation"].networks.items()}
+        base = counts["transformer"]
+        for u, c in counts.items():
+            if u != "anisotropic":
+                assert abs(c - base) / base < 0.05, (profile, u, c, base)
+        # the base variant is whichever run has its identity: no copy, no second training
+        assert plan.studies["ablation"].networks["transformer"] == base_run
+        assert plan.studies["robustness"].networks["n0_128"] == "tgmm-d2"
+    assert {"lstm", "relu_attention", "linear_attention"} <= set(plan.studies["ablation"].networks)

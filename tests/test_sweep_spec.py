@@ -221,12 +221,12 @@ def test_unit_picks_the_network(tmp_path, cfg):
     spec = S.load_spec(_write(tmp_path, _mutate(unit="d8")), cfg)
     assert spec.unit == "d8" and spec.run["task"]["d"] == 8
     assert S.trial_run(spec, {"model.n_layer": 1}, 0).task.d == 8
-    data = _mutate(study="ablation", unit="lstm", base={k: v for k, v in VALID["base"].items()
-                                                         if k != "model.n_head"})
+    data = _mutate(study="ablation", unit="mamba2", base={k: v for k, v in VALID["base"].items()
+                                                           if k not in ("model.n_head", "model.n_embd")})
     spec = S.load_spec(_write(tmp_path, data, "a.yaml"), cfg)
-    assert (spec.family, spec.run["model"]["backbone"]) == ("gmm", "lstm")
-    assert spec.run["model"] == P.resolve(cfg).run_of("ablation", "lstm").to_dict()["model"]
-    assert S.trial_run(spec, {"model.n_layer": 2}, 0).model.backbone == "lstm"
+    assert (spec.family, spec.run["model"]["backbone"]) == ("gmm", "mamba2")
+    assert spec.run["model"] == P.resolve(cfg).run_of("ablation", "mamba2").to_dict()["model"]
+    assert S.trial_run(spec, {"model.n_layer": 2}, 0).model.backbone == "mamba2"
 
 
 LINREG_BASE = {"model.n_layer": 1, "model.n_embd": 16, "model.n_head": 2, "train.steps": 20, "train.batch_size": 4,
