@@ -13,6 +13,7 @@ import csv
 import itertools
 import json
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -216,12 +217,14 @@ def figure(index: Index, spec, metric, path: Path) -> Path:
         if pv is not None:
             ax.set_title(f"{spec.panels} = {pv}")
         ax.set_xlabel(spec.x)
-        ax.set_ylabel(metric.label)
+        if ax in axes[:, 0]:  # one y label per row: long labels would run into the next panel
+            ax.set_ylabel(metric.label)
         if spec.xscale == "linear" and len(allx) <= 12:
             ax.set_xticks(allx)
         ax.grid(True, which="major", alpha=0.3)
         if notes:
-            ax.text(0.02, 0.02, "\n".join(notes), transform=ax.transAxes, fontsize=7, va="bottom", color="0.35")
+            text = "\n".join(textwrap.fill(n, 52) for n in notes)  # wrapped: a note must not overflow its panel
+            ax.text(0.02, 0.02, text, transform=ax.transAxes, fontsize=7, va="bottom", color="0.35")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     handles = [Line2D([], [], color=colors[m], marker="o", lw=1.4, label=m) for m in methods]
