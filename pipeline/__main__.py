@@ -188,22 +188,19 @@ def _run(args, cfg, studies: list[str]) -> int:
     elif args.command == "bench":
         from pipeline import bench
 
-        if args.compare:
-            plan = P.resolve_all(cfg, studies)
-            rid = args.run or next(iter(plan.studies[studies[0]].networks.values()))
-            if rid not in plan.runs:
-                return _fail(f"--run {rid}: not a network of the listed studies (known: {', '.join(plan.runs)})", 2)
-            bench.compare_variants(plan.runs[rid], args.compare, steps=args.steps, device=args.device)
-        elif args.time_to_quality:
-            from pipeline.bench import quality
-
-            if args.target is None:
+        if args.compare or args.time_to_quality:
+            if args.time_to_quality and args.target is None:
                 return _fail("bench --time-to-quality: give --target (e.g. --target 0.315 for val/l2)", 2)
             plan = P.resolve_all(cfg, studies)
             rid = args.run or next(iter(plan.studies[studies[0]].networks.values()))
             if rid not in plan.runs:
                 return _fail(f"--run {rid}: not a network of the listed studies (known: {', '.join(plan.runs)})", 2)
-            quality.run(plan.runs[rid], args.target)
+            if args.compare:
+                bench.compare_variants(plan.runs[rid], args.compare, steps=args.steps, device=args.device)
+            else:
+                from pipeline.bench import quality
+
+                quality.run(plan.runs[rid], args.target)
         elif args.vs_anchor or args.solvers:
             bench.compare(cfg, studies, anchor=args.vs_anchor, solvers=args.solvers, steps=args.steps,
                           device=args.device, precision=args.precision)

@@ -13,6 +13,7 @@ import time
 import torch
 
 from pipeline.core.config import Config, RunConfig
+from pipeline.core.module import TaskModule, _mean
 
 
 def _sync(device: torch.device) -> None:
@@ -25,7 +26,6 @@ class _Stepper:
     loss, backward, clipping, AdamW), timed as (sampling, total) seconds per call."""
 
     def __init__(self, run: RunConfig, device: torch.device):
-        from pipeline.core.module import TaskModule
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(run.seed)  # the same initialisation for every variant
@@ -45,7 +45,7 @@ class _Stepper:
         t1 = time.perf_counter()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision.startswith("bf16")):
             losses = self.module._losses(batches)
-        loss = torch.stack([v["loss"] for v in losses.values()]).mean()
+        loss = _mean(losses, "loss")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.run.train.grad_clip:
@@ -76,21 +76,16 @@ def compare_variants(run: RunConfig, variants: list[str], steps: int = 30, devic
     that drift in the machine's speed hits all alike; median ms/step and the ratio to the base."""
     import statistics
 
-    import yaml
-
-    from pipeline.core.config import ConfigError, RunConfig as R, deep_merge, unflatten
+    from pipeline.core.config import RunConfig as R, deep_merge, parse_override
     from pipeline.core.evaluate import resolve_device
 
     dev = resolve_device(device)
     steppers = {"as configured": _Stepper(run, dev)}
     for v in variants:
-        over = {}
+        merged = run.to_dict()
         for kv in v.split(","):
-            if "=" not in kv:
-                raise ConfigError(f"bench --compare {v!r}: expected KEY=VALUE[,KEY=VALUE...] of run keys")
-            k, val = kv.split("=", 1)
-            over[k.strip()] = yaml.safe_load(val)
-        steppers[v] = _Stepper(R.from_dict(deep_merge(run.to_dict(), unflatten(over)), where=f"--compare {v}"), dev)
+            merged = deep_merge(merged, parse_override(kv))
+        steppers[v] = _Stepper(R.from_dict(merged, where=f"--compare {v}"), dev)
     times: dict[str, list[float]] = {k: [] for k in steppers}
     for step in range(warmup + steps):
         for k, st in steppers.items():
