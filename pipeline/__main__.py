@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         print(" ".join(f"-S '{'' if k in base else '++'}{k}={_yaml_value(v)}'" for k, v in C.flatten(over).items()))
         return 0
     os.environ.setdefault("WANDB_SILENT", "true")
+    from pipeline.core.allocator import tune_allocator
+
+    tune_allocator()
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     from pipeline.core.errors import NonFiniteLossError, TrainingInterrupted

@@ -49,44 +49,83 @@ def _masked(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def _log_gauss(xx: Tensor, x2sum: Tensor, means: Tensor, var: Tensor | None) -> Tensor:
-    """log N(x_i | mu_k, diag(var_k)) by the expanded quadratic, one bmm (no (B,N,K,d) temporary).
+def _features(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The augmented points [x*x, x, 1] (B, N, 2d+1), zero on padded rows, that both EM steps multiply:
+    the E-step's log-joint is one bmm of them with per-component coefficients, and the M-step's
+    moments and responsibility totals are one bmm of the responsibilities with them.
+    -> (xx, xxT): xx (B, N, 2d+1) for the M-step, xxT (B, 2d+1, N) contiguous for the E-step.
+    Written into one buffer slice by slice (a cat with a ones column took 8x longer)."""
+    B, N, d = x.shape
+    x = _masked(x, mask)
+    xx = torch.empty(B, N, 2 * d + 1, dtype=x.dtype, device=x.device)
+    torch.mul(x, x, out=xx[..., :d])
+    xx[..., d:2 * d] = x
+    xx[..., 2 * d] = mask
+    return xx, xx.transpose(1, 2).contiguous()
 
-    xx = [x*x, x] (B, N, 2d), x2sum = |x|^2 (B, N, 1), means (B, K, d), var (B, K, d) or None for
-    the identity -> (B, N, K).
+
+def _log_joint(xxT: Tensor, weights: Tensor, means: Tensor, var: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """log w_k + log N(x_i | mu_k, diag(var_k)) -> (B, K, N) as one bmm, with no (B, N, K, d) temporary.
+
+    sklearn's expanded quadratic (_estimate_log_gaussian_prob): with p = 1/var,
+    -1/2 sum_j p_j (x_j - mu_j)^2 = sum_j x_j^2 (-p_j/2) + x_j (mu_j p_j) - 1/2 sum_j mu_j^2 p_j, so
+    the coefficients [-p/2, mu p, const_k] (B, K, 2d+1) against xx = [x^2, x, 1] give every term; the
+    constant carries log w_k, the normaliser and -1/2 sum mu^2 p. var None = the identity.
+    Layout: xxT = xx transposed (B, 2d+1, N), contiguous, so the result is (B, K, N) with the points
+    innermost: the reductions over K in the E-step then run over whole contiguous rows (measured
+    2.3x faster than over a last axis of size K, and the bmm itself 1.5x faster).
+    `out`: a (B, K, N) buffer to write into (em_fit reuses one across iterations).
     """
     d = means.shape[-1]
-    if var is None:
-        quad = torch.baddbmm(x2sum + means.pow(2).sum(-1)[:, None, :], xx[..., d:], means.transpose(1, 2),
-                             alpha=-2)
-        return -0.5 * (quad.clamp_min_(0) + d * LOG_2PI)
-    prec = 1.0 / var
-    coef = torch.cat([prec, -2 * means * prec], -1)  # (B, K, 2d): sum_j x_j^2 p_j - 2 x_j mu_j p_j
-    maha = torch.baddbmm((means.pow(2) * prec).sum(-1)[:, None, :], xx, coef.transpose(1, 2))  # (B, N, K)
-    return -0.5 * (maha.clamp_min_(0) + (torch.log(var).sum(-1) + d * LOG_2PI)[:, None, :])
+    prec = torch.ones_like(means) if var is None else 1.0 / var
+    logdet = 0.0 if var is None else torch.log(var).sum(-1)  # (B, K)
+    tiny = 1e-300 if weights.dtype == torch.float64 else 1e-30
+    const = torch.log(weights.clamp_min(tiny)) - 0.5 * ((means.pow(2) * prec).sum(-1) + logdet + d * LOG_2PI)
+    coef = torch.cat([-0.5 * prec, means * prec, const[..., None]], -1)  # (B, K, 2d+1)
+    return torch.bmm(coef, xxT, out=out)
 
 
-def _e_step(xx, x2sum, maskf, n, weights, means, var):
-    """-> responsibilities (B, N, K) and mean log-likelihood per real point (B,).
-    One exp: resp = e / sum(e), e = exp(lj - max_k lj); log p(x_i) = max + log sum(e)."""
-    lj = torch.log(weights.clamp_min(1e-300 if weights.dtype == torch.float64 else 1e-30))[:, None, :]
-    lj = lj + _log_gauss(xx, x2sum, means, var)
-    top = lj.amax(-1, keepdim=True)  # (B, N, 1)
+class _Buffers:
+    """em_fit's per-iteration (B, K, N) and (B, 1, N) work arrays, allocated once and sliced to the
+    working set. Fresh multi-megabyte temporaries every iteration cost page faults: allocating them
+    each time made the whole fit 1.4-1.7x slower (glibc returns large blocks to the OS on free)."""
+
+    def __init__(self, B: int, K: int, N: int, dtype: torch.dtype, device: torch.device):
+        self.lj = torch.empty(B, K, N, dtype=dtype, device=device)
+        self.top = torch.empty(B, 1, N, dtype=dtype, device=device)
+        self.tot = torch.empty(B, 1, N, dtype=dtype, device=device)
+        self.scale = torch.empty(B, 1, N, dtype=dtype, device=device)
+
+    def take(self, b: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.lj[:b], self.top[:b], self.tot[:b], self.scale[:b]
+
+
+def _e_step(xxT, maskf, n, weights, means, var, buffers: _Buffers | None = None):
+    """-> responsibilities (B, K, N), zero on padded points, and the mean log-likelihood per real
+    point (B,). One exp: resp = e / sum(e), e = exp(lj - max_k lj); log p(x_i) = max + log sum(e).
+    With `buffers` every (B, K, N) / (B, 1, N) array is written in place into them (the returned
+    responsibilities are a view of buffers.lj, valid until the next call)."""
+    B, N = maskf.shape
+    lj, top, tot, scale = buffers.take(B) if buffers is not None else (None,) * 4
+    lj = _log_joint(xxT, weights, means, var, out=lj)  # (B, K, N)
+    top = torch.amax(lj, 1, keepdim=True, out=top)  # (B, 1, N)
     e = lj.sub_(top).exp_()
-    tot = e.sum(-1, keepdim=True)  # (B, N, 1)
-    ll = ((tot.log() + top)[..., 0] * maskf).sum(1) / n
-    return e.div_(tot), ll
+    tot = torch.sum(e, 1, keepdim=True, out=tot)  # (B, 1, N)
+    e.mul_(torch.div(maskf[:, None, :], tot, out=scale))
+    ll = tot.log_().add_(top)[:, 0].mul_(maskf).sum(1) / n
+    return e, ll
 
 
-def _m_step(xx, maskf, resp, means_old, var_old, covariance, reg_covar):
-    """sklearn's _estimate_gaussian_parameters per task; empty components keep their mean/var."""
+def _m_step(xx, resp, means_old, var_old, covariance, reg_covar):
+    """sklearn's _estimate_gaussian_parameters per task; empty components keep their mean/var.
+    xx (B, N, 2d+1); resp (B, K, N), already zero on padded points."""
     d = means_old.shape[-1]
     eps = torch.finfo(xx.dtype).eps
-    resp = resp * maskf[..., None]  # (B, N, K)
-    nk_raw = resp.sum(1)  # (B, K)
+    sums = resp @ xx  # (B, K, 2d+1): sum r x^2, sum r x, sum r per component
+    nk_raw = sums[..., -1]  # (B, K)
     nk = nk_raw + 10 * eps  # as sklearn: keeps the division finite
     weights = nk / nk.sum(-1, keepdim=True)
-    moments = (resp.transpose(1, 2) @ xx) / nk[..., None]  # (B, K, 2d): E[x^2], E[x] per component
+    moments = sums[..., :-1] / nk[..., None]  # (B, K, 2d): E[x^2], E[x] per component
     means = moments[..., d:]
     empty = (nk_raw < 100 * eps)[..., None]  # (B, K, 1): no responsibility left to estimate from
     means = torch.where(empty, means_old, means)
@@ -118,10 +157,8 @@ def em_fit(x: Tensor, mask: Tensor, weights0: Tensor, means0: Tensor, scales0: T
     _check_covariance(covariance)
     B, N, d = x.shape
     dt, dev = x.dtype, x.device
-    x = _masked(x, mask)
-    xx = torch.cat([x * x, x], -1)  # (B, N, 2d)
-    x2sum = xx[..., :d].sum(-1, keepdim=True)  # (B, N, 1)
     maskf = mask.to(dt)
+    xx, xxT = _features(x, mask)  # (B, N, 2d+1), (B, 2d+1, N): see _log_joint on the layout
     n = maskf.sum(1).clamp_min(1)  # (B,)
     weights = weights0.to(device=dev, dtype=dt).expand(B, -1).clone()
     means = means0.to(device=dev, dtype=dt).expand(B, -1, -1).clone()
@@ -142,7 +179,7 @@ def em_fit(x: Tensor, mask: Tensor, weights0: Tensor, means0: Tensor, scales0: T
     # Converged tasks freeze, so the loop runs on a working set of the tasks still active, shrunk
     # whenever half of it has converged (a few slow tasks then cost little). Tasks do not interact.
     work = torch.arange(B, device=dev)
-    xw, x2w, mw, nw = xx, x2sum, maskf, n
+    xw, xwT, mw, nw = xx, xxT, maskf, n
     W, M, V, LLp, IT = weights, means, var, ll_prev, n_iter
     act = torch.ones(B, dtype=torch.bool, device=dev)
 
@@ -151,33 +188,41 @@ def em_fit(x: Tensor, mask: Tensor, weights0: Tensor, means0: Tensor, scales0: T
         if var is not None:
             var[work] = V
 
+    buffers = _Buffers(B, K, N, dt, dev)
+    all_active = True  # every task of the working set still iterating (host-side, known from n_act)
     for _ in range(max_iter):
-        resp, ll = _e_step(xw, x2w, mw, nw, W, M, V)
-        w_new, m_new, v_new = _m_step(xw, mw, resp, M, V, covariance, reg_covar)
-        a1, a2 = act[:, None], act[:, None, None]
-        W, M = torch.where(a1, w_new, W), torch.where(a2, m_new, M)
-        if V is not None:
-            V = torch.where(a2, v_new, V)
-        IT = IT + act.long()
+        resp, ll = _e_step(xwT, mw, nw, W, M, V, buffers)
+        w_new, m_new, v_new = _m_step(xw, resp, M, V, covariance, reg_covar)
         done = (ll - LLp).abs() < tol  # first iteration: |ll - (-inf)| = inf, never done
-        LLp = torch.where(act, ll, LLp)
-        act = act & ~done
+        if all_active:  # nothing frozen in the working set: take the update as is
+            W, M, V, IT, LLp, act = w_new, m_new, v_new, IT + 1, ll, ~done
+        else:
+            a1, a2 = act[:, None], act[:, None, None]
+            W, M = torch.where(a1, w_new, W), torch.where(a2, m_new, M)
+            if V is not None:
+                V = torch.where(a2, v_new, V)
+            IT = IT + act.long()
+            LLp = torch.where(act, ll, LLp)
+            act = act & ~done
         if iterates is not None:
             write_back()
             iterates.append((weights.clone(), means.clone()))
         n_act = int(act.sum())
         if n_act == 0:
             break
+        all_active = n_act == act.numel()
         if n_act <= act.numel() // 2:  # shrink the working set to the active tasks
             write_back()
             keep = act.nonzero()[:, 0]
             work = work[keep]
-            xw, x2w, mw, nw = xx[work], x2sum[work], maskf[work], n[work]
-            W, M, LLp, IT = weights[work], means[work], ll_prev[work], n_iter[work]
-            V = None if var is None else var[work]
+            # index_select copies whole rows (measured 1.3x faster here than advanced indexing)
+            xw, xwT, mw, nw, W, M, LLp, IT = (t.index_select(0, work) for t in (xx, xxT, maskf, n, weights, means,
+                                                                                 ll_prev, n_iter))
+            V = None if var is None else var.index_select(0, work)
             act = torch.ones(n_act, dtype=torch.bool, device=dev)
+            all_active = True
     write_back()
-    _, ll_final = _e_step(xx, x2sum, maskf, n, weights, means, var)
+    _, ll_final = _e_step(xxT, maskf, n, weights, means, var, buffers)
     scales = None if var is None else var.sqrt()
     return EMResult(weights, means, scales, ll_final, n_iter, iterates)
 

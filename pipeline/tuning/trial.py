@@ -227,6 +227,9 @@ def _run_trial(config: dict, context: dict) -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     os.environ.setdefault("WANDB_SILENT", "true")
     torch.set_num_threads(max(1, int(context["cpu"])))
+    from pipeline.core.allocator import tune_allocator
+
+    tune_allocator()  # a trial runs in a Ray worker process: apply it there too
     t0 = time.time()
 
     trial_id = ray.tune.get_context().get_trial_id()
