@@ -145,7 +145,9 @@ def test_malformed_config_rejected(override, key):
 
 
 def test_yaml_nan_rejected_from_file(tmp_path):
-    text = PARAMS.read_text().replace("lr: 0.001", "lr: .nan", 1)
+    raw = PARAMS.read_text()
+    line = next(ln for ln in raw.splitlines() if ln.startswith("  lr: "))  # train.lr (the base section)
+    text = raw.replace(line, "  lr: .nan", 1)
     assert ".nan" in text
     p = tmp_path / "params.yaml"
     p.write_text(text)

@@ -5,7 +5,8 @@ threshold with fresh mmap()s and returns freed memory at the top of the heap to 
 that makes multi-megabyte temporaries every step (a train step's activations, EM's (B, K, N)
 arrays) pays page faults on every new block. Fixing the mmap threshold at its maximum (32 MiB)
 and never trimming keeps those blocks in the heap for reuse. Measured on the 2-core reference
-machine (docs/speed.md): batched EM 1.1-1.7x faster, the TGMM train step about 5 % faster. The
+machine (docs/speed.md): batched EM 1.1-1.7x faster, the untrained network's evaluation forward
+1.4x; the TGMM train step within noise (92 vs 87 ms/step in separate processes). The
 price is that the process keeps its peak heap until it exits, which the pipeline's short-lived
 stage processes can afford. (Intel's PyTorch CPU guide gets the same with jemalloc / tcmalloc
 preloaded; those are left alone.)
