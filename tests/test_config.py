@@ -121,6 +121,8 @@ BAD = [
     ({"train": {"devices": 3}}, "train.batch_size"),               # 16 not divisible by 3
     ({"task": {"gmm": {"weight_low": 0.9}}}, "task.weight_low"),   # >= weight_high
     ({"task": {"gmm": {"max_cosine": 1.5}}}, "task.gmm.max_cosine"),  # above max
+    ({"task": {"gmm": {"n0_warmup_ratio": 1.5}}}, "task.gmm.n0_warmup_ratio"),  # above 1
+    ({"task": {"gmm": {"n0_warmup_steps": 10, "n0_warmup_ratio": 0.05}}}, "task.n0_warmup_ratio"),  # N0 6 < 10
     ({"task": {"gmm": {"anisotropic": "yes please"}}}, "task.gmm.anisotropic"),  # not a bool
     ({"seed": -1}, "seed"),                                        # negative seed
     ({"out_dir": 5}, "out_dir"),                                   # not a string

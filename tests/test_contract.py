@@ -164,6 +164,24 @@ def test_gmm_step_shares_one_sample_size_and_pads_nothing():
     assert b.N == 16 and len(set(b.n.tolist())) > 3  # padded to n0, sizes differ per task
 
 
+def test_gmm_sample_size_warmup():
+    """n0_warmup_steps: steps before it draw N ~ U[m/2, m], m = round(ratio * n0), in both n_per modes;
+    from it on U[n0/2, n0]; off (0) it draws exactly what it drew without the keys."""
+    fam = F.get("gmm")
+    gen = lambda step: rng.make_generator(0, rng.TRAIN, step, 0)  # noqa: E731
+    for n_per in ("step", "task"):
+        t = make_run("gmm", task={"n0": 32, "n0_warmup_steps": 10, "n0_warmup_ratio": 0.5, "n_per": n_per}).task
+        early = [fam.sample_step(t, fam.groups(t), 8, gen(s), "cpu", s) for s in range(10)]
+        late = [fam.sample_step(t, fam.groups(t), 8, gen(s), "cpu", s) for s in range(10, 30)]
+        n_early = {int(n) for bs in early for b in bs.values() for n in b.n}
+        n_late = {int(n) for bs in late for b in bs.values() for n in b.n}
+        assert n_early <= set(range(8, 17)) and max(n_late) > 16 and n_late <= set(range(16, 33)), n_per
+    off = make_run("gmm", task={"n0": 32}).task
+    zero = make_run("gmm", task={"n0": 32, "n0_warmup_steps": 0, "n0_warmup_ratio": 0.25}).task
+    a, b = (fam.sample_step(t, fam.groups(t), 4, gen(5), "cpu", 5) for t in (off, zero))
+    assert all(torch.equal(a[k].x, b[k].x) for k in a)
+
+
 def test_precision_auto_resolves_per_device():
     from pipeline.core.module import resolve_precision
 

@@ -121,11 +121,13 @@ class GMMFamily(TaskFamily):
         return f"d={task.d}" + (", anisotropic" if task.anisotropic else "")
 
     def sample(self, task, group, batch_size, generator, device, step=None, n: int | None = None):
-        """Training tasks (N ~ U[n0/2, n0]); step=None: fixed-size tasks with N = n (default n0)."""
+        """Training tasks (N ~ U[n0/2, n0], n0 that of the step: config.n0_at); step=None: fixed-size
+        tasks with N = n (default n0)."""
         if step is None:
             n_min = n_max = n or task.n0
         else:
-            n_min, n_max = task.n0 // 2, task.n0
+            n0 = C.n0_at(task, step)
+            n_min, n_max = n0 // 2, n0
         return sample_gmm(batch_size, task.d, group, n_min, n_max, generator, device, mean_range=task.mean_range,
                           max_cosine=task.max_cosine, weight_low=task.weight_low, weight_high=task.weight_high,
                           anisotropic=task.anisotropic)
@@ -135,7 +137,8 @@ class GMMFamily(TaskFamily):
         each task's N keeps its U[n0/2, n0] law, only tasks of one step share it."""
         if task.n_per == "task":
             return super().sample_step(task, groups, batch_size, generator, device, step)
-        n = int(torch.randint(task.n0 // 2, task.n0 + 1, (1,), generator=generator, device=device))
+        n0 = C.n0_at(task, step)
+        n = int(torch.randint(n0 // 2, n0 + 1, (1,), generator=generator, device=device))
         return {K: self.sample(task, K, batch_size, generator, device, None, n=n) for K in groups}
 
     def read_in(self, task, model):

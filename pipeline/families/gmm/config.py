@@ -12,6 +12,10 @@ class GMMTask:
     ks: list[int] = _f([2, 3, 4, 5], "numbers of components K; one shared backbone, one read-out per K",
                        min=2, max=8, nonempty=True)
     n0: int = _f(128, "training sample size: N ~ U[n0/2, n0]", min=2)
+    n0_warmup_steps: int = _f(0, "sample-size warm-up: the first this many training steps draw N ~ U[m/2, m], "
+                                 "m = round(n0_warmup_ratio * n0): cheaper steps while the network learns the "
+                                 "coarse task (0 = off; docs/speed.md, time to quality)", min=0)
+    n0_warmup_ratio: float = _f(0.5, "sample-size warm-up: its N0 as a fraction of n0", gt=0, max=1)
     n_per: str = _f("step", "training: step = one N per step shared by all its tasks (no padding: the fast "
                             "unmasked attention, 25 % fewer tokens); task = one N per task, padded to n0 and masked",
                     choices=("step", "task"))
@@ -32,6 +36,16 @@ class GMMSolvers:
     spectral_iters: int = _f(100, "tensor power iterations per restart", min=1)
 
 
+def warmup_n0(t: GMMTask) -> int:
+    """The N0 of the sample-size warm-up (task.gmm.n0_warmup_steps / n0_warmup_ratio)."""
+    return max(1, round(t.n0_warmup_ratio * t.n0))
+
+
+def n0_at(t: GMMTask, step: int | None) -> int:
+    """The training N0 at a step: the warm-up's for steps < n0_warmup_steps, else n0."""
+    return warmup_n0(t) if step is not None and step < t.n0_warmup_steps else t.n0
+
+
 def check_sample_size(n: int, ks: list[int], where: str) -> None:
     """Every task needs >= 2 points per component on average."""
     if n < 2 * max(ks):
@@ -44,6 +58,10 @@ def validate(t: GMMTask, model, where: str) -> None:
     if t.weight_low >= t.weight_high:
         raise ConfigError(f"{where}.weight_low: must be < {where}.weight_high={t.weight_high}, got {t.weight_low}")
     check_sample_size(t.n0, t.ks, f"{where}.n0")
+    if t.n0_warmup_steps and warmup_n0(t) < 2 * kmax:
+        raise ConfigError(f"{where}.n0_warmup_ratio: the warm-up N0 round({t.n0_warmup_ratio} * n0={t.n0}) = "
+                          f"{warmup_n0(t)} must be >= 2*max(task.ks)={2 * kmax}; raise the ratio or set "
+                          f"{where}.n0_warmup_steps: 0")
     if t.d == 1 and kmax > 2:
         raise ConfigError(f"{where}.d: d=1 allows at most K=2 (two 1-D means always have cosine +-1); "
                           "use task.ks <= 2 or d >= 2")
