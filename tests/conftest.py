@@ -19,10 +19,12 @@ TINY_PARAMS: dict = {
              "linreg": {"d": 3, "n_points": 7, "curriculum_every": 2, "dims_start": 2, "points_start": 3}},
     "model": {"n_layer": 1, "n_head": 2, "n_embd": 16},
     "train": dict(_TRAIN),
-    "tgmm": {"dims": [2], "n_tasks": 8, "n": 16},
+    "tgmm": {"dims": [2], "n_tasks": 8, "n": 16, "probe_tasks": 32, "probe_fit_steps": 5, "probe_em_steps": [1, 2]},
     "robustness": {"d": 2, "train_n0": [8, 16], "eval_n": [8, 16], "sigma_p": [0.0, 2.0], "n": 16, "n_tasks": 4},
     "ablation": {"d": 2, "n_tasks": 4, "n": 16, "variants": {"transformer": {}, "lstm": {"backbone": "lstm"}}},
     "linreg": {"n_tasks": 16, "model": {"position": "gpt2"}},
+    "second_order": {"n_tasks": 16, "other_train": {"steps": 4}, "probe_tasks": 32, "probe_newton": [0, 1, 2],
+                     "probe_gd": [1, 2, 4], "probe_online": [0, 1]},
     "wandb": {"mode": "disabled"},
 }
 

@@ -34,10 +34,11 @@ def test_dvc_repro_tiny_project(tmp_path):
     (proj / "sweeps").mkdir()  # the sweep stages (Ray Tune) have tests of their own
     shutil.copy(REPO / ".gitignore", proj)
     params = copy.deepcopy(TINY_PARAMS)
-    params.update(studies=["tgmm", "robustness", "ablation", "linreg"], out_dir="outputs")
+    params.update(studies=["tgmm", "robustness", "ablation", "linreg", "second_order"], out_dir="outputs")
     params["wandb"]["mode"] = "offline"
     # every key that `dvc exp run -S` may set must exist in the file
     params["linreg"]["train"] = {"steps": 4, "lr": 0.001}
+    params["second_order"].update(networks=["transformer", "lstm"], train={"steps": 3})  # not linreg-main
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"],
                PYTHONPATH=str(proj), WANDB_MODE="offline", DVC_NO_ANALYTICS="1",
@@ -62,6 +63,8 @@ def test_dvc_repro_tiny_project(tmp_path):
         assert (out / study / "report" / "report.md").is_file()
         assert json.loads((out / study / "report" / "metrics.json").read_text())
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    summary = (out / "report.md").read_text()
+    assert all(f"**{study}**" in summary for study in params["studies"])
     shown = _run(dvc + ["metrics", "show", "--json"], proj, env)
     assert "em_paper" in shown and "least_squares" in shown
     _run(dvc + ["plots", "show", "-o", str(tmp_path / "plots")], proj, env)
@@ -72,12 +75,14 @@ def test_dvc_repro_tiny_project(tmp_path):
     _run(["git", "add", "-A"], proj, env)
     _run(["git", "commit", "-qm", "lock"], proj, env)
     exp = _run(dvc + ["exp", "run", "-S", "linreg.train.lr=0.0005"], proj, env)
-    assert _ran(exp) == {"plan", "train-linreg-main", "evaluate-linreg", "report-linreg"}, _ran(exp)
+    # the top-level report reads every study's results: it follows
+    assert _ran(exp) == {"plan", "train-linreg-main", "evaluate-linreg", "report-linreg", "summary"}, _ran(exp)
     _run(["git", "checkout", "--", "params.yaml"], proj, env)
 
     with open(proj / "pipeline" / "families" / "linreg" / "net.py", "a") as f:
         f.write("\n# an edit of the linreg family\n")
     edited = _run(dvc + ["repro"], proj, env)
     ran = _ran(edited)
-    assert "train-linreg-main" in ran and not any(s.startswith("train-") and "linreg" not in s for s in ran), ran
+    gmm_trains = [s for s in ran if s.startswith(("train-tgmm", "train-robustness", "train-ablation"))]
+    assert "train-linreg-main" in ran and "train-second_order-lstm" in ran and not gmm_trains, ran
     assert not any(s.endswith(("tgmm", "robustness", "ablation")) and s.startswith("evaluate") for s in ran), ran

@@ -282,11 +282,11 @@ def test_family_probe_target_gives_the_iterates_after_each_step():
     from pipeline.families.gmm import FAMILY
 
     batch = sample_gmm(4, 2, 3, 30, 30, make_generator(40))
-    its = FAMILY.probe_targets["em_paper"](batch, [1, 3, 5], seed=2)
+    its = FAMILY.probe_targets["em_paper"].fn(batch, [1, 3, 5], {"seed": 2})
     assert len(its) == 3
-    for s, (w, m) in zip([1, 3, 5], its):
+    for s, est in zip([1, 3, 5], its):
         ref = EMPaper(max_iter=s, tol=0.0, seed=2)(batch)
-        torch.testing.assert_close(m, ref.means, rtol=0, atol=1e-6)
-        torch.testing.assert_close(w, ref.weights, rtol=0, atol=1e-6)
+        torch.testing.assert_close(est.means, ref.means, rtol=0, atol=1e-6)
+        torch.testing.assert_close(est.weights, ref.weights, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="steps"):
-        FAMILY.probe_targets["em_paper"](batch, [0, 2])
+        FAMILY.probe_targets["em_paper"].fn(batch, [0, 2], {})

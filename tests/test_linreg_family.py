@@ -25,7 +25,7 @@ from tests.conftest import make_run
 
 DEFAULTS = dataclasses.asdict(C.LinRegSolvers())
 CHANGED = {"ridge_lambda": 0.5, "knn": 1, "gd_steps": 4, "gd_lr": 0.05, "newton_steps": 5,
-           "newton_alpha": "frobenius"}
+           "newton_alpha": "frobenius", "online_passes": 3, "online_lr": 0.02}
 
 
 @contextlib.contextmanager

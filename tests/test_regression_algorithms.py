@@ -155,6 +155,32 @@ def test_iterates_equal_the_step_loop():
     torch.testing.assert_close(reg.gradient_descent(xs, ys, 7, 0.02), preds)
 
 
+def _online_ref(passes, lr):
+    def fit(X, y, x):
+        w = np.zeros(X.shape[1])
+        for _ in range(passes):
+            for xi, yi in zip(X, y):
+                w = w - lr * (xi @ w - yi) * xi
+        return w @ x
+    return fit
+
+
+@pytest.mark.parametrize("passes,lr", [(0, 0.05), (1, 0.05), (3, 0.1), (10, 0.02)])
+def test_online_gd_matches_loop(passes, lr):
+    xs, ys = _tasks(4, 9, 3, seed=13, noise=0.5)
+    _close(reg.online_gd(xs, ys, passes, lr), _per_prefix(xs, ys, _online_ref(passes, lr)), atol=1e-10)
+
+
+def test_online_gd_iterates_equal_single_calls_and_approach_least_squares():
+    xs, ys = _tasks(3, 12, 3, seed=14)  # noiseless: many passes with a small step reach the LS fit
+    W = reg.online_gd_iterates(xs, ys, [0, 1, 1, 4], 0.05)
+    assert W.shape == (4, 3, 12, 3) and (W[0] == 0).all()
+    torch.testing.assert_close((W[3] * xs).sum(-1), reg.online_gd(xs, ys, 4, 0.05))
+    torch.testing.assert_close(W[1], W[2])
+    far = reg.online_gd(xs, ys, 2000, 0.05)[:, 4:]  # prefixes with k > d examples
+    torch.testing.assert_close(far, reg.least_squares(xs, ys)[:, 4:], rtol=0, atol=1e-6)
+
+
 METHODS = {
     "least_squares": reg.least_squares,
     "ridge": lambda xs, ys: reg.ridge(xs, ys, 0.5),
@@ -163,6 +189,7 @@ METHODS = {
     "gd": lambda xs, ys: reg.gradient_descent(xs, ys, 10, 0.01),
     "newton_spectral": lambda xs, ys: reg.iterative_newton(xs, ys, 10, "spectral"),
     "newton_frobenius": lambda xs, ys: reg.iterative_newton(xs, ys, 10, "frobenius"),
+    "online_gd": lambda xs, ys: reg.online_gd(xs, ys, 2, 0.05),
 }
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
@@ -197,6 +224,8 @@ def test_bad_arguments_raise_value_error():
         lambda: reg.gradient_descent(xs, ys, 2.5, 0.01),
         lambda: reg.gradient_descent(xs, ys, 3, -0.1),
         lambda: reg.iterative_newton(xs, ys, -2),
+        lambda: reg.online_gd(xs, ys, -1, 0.05),
+        lambda: reg.online_gd_iterates(xs, ys, [3, 1], 0.05),
         lambda: reg.iterative_newton(xs, ys, 3, alpha="optimal"),
         lambda: reg.gd_iterates(S, b, [3, 1], 0.01),
         lambda: reg.gd_iterates(S, b, [], 0.01),

@@ -11,9 +11,9 @@ Each method turns them into a weight w_k (B, n, d) and predicts <w_k, x_k>. The 
 iteration steps. Work is in float64 (float32 on MPS, which lacks it) on the inputs' device; preds
 come back in the inputs' dtype.
 
-gd_iterates / newton_iterates give the weights after several step counts in one pass, for probing
-studies that match network layers with algorithm steps (Fu et al. 2024, "Transformers learn to
-achieve second-order convergence rates for in-context linear regression").
+gd_iterates / newton_iterates / online_gd_iterates give the weights after several step counts in one
+pass, for probing studies that match network layers with algorithm steps (Fu et al. 2024,
+"Transformers learn to achieve second-order convergence rates for in-context linear regression").
 """
 from __future__ import annotations
 
@@ -187,11 +187,45 @@ def newton_iterates(S: Tensor, b: Tensor, steps: Sequence[int], alpha: str = "sp
     return torch.stack(out).to(S.dtype)
 
 
+def online_gd_iterates(xs: Tensor, ys: Tensor, passes: Sequence[int], lr: float) -> Tensor:
+    """Online (stochastic, one example at a time) gradient descent, per prefix: from w = 0, each pass
+    visits the prefix's examples i = 0 .. k-1 in prompt order, w <- w - lr (<w, x_i> - y_i) x_i.
+    Returns W (len(passes), B, n, d) in the work dtype: the weights of every prefix k after each
+    requested number of passes (ascending); one pass is the classical online learner that sees each
+    example once (what an LSTM reading the prompt could run). All prefixes advance together: prefix k skips examples
+    i >= k. Diverges once lr ||x_i||^2 > 2."""
+    _check_inputs(xs, ys)
+    passes = _check_steps(passes)
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr}")
+    dt = _work_dtype(xs.device)
+    x, y = xs.to(dt), ys.to(dt)
+    B, n, d = x.shape
+    w = torch.zeros(B, n, d, dtype=dt, device=x.device)  # (B, prefix k, d)
+    k = torch.arange(n, device=x.device)
+    out = []
+    for p in range(passes[-1] + 1):
+        out += [w] * passes.count(p)
+        if p == passes[-1]:
+            break
+        for i in range(n - 1):  # example n-1 belongs to no prefix (prefix k holds 0 .. k-1)
+            active = (k > i).to(dt)  # (n,): the prefixes that hold example i
+            resid = (w * x[:, i, None, :]).sum(-1) - y[:, i, None]  # (B, n)
+            w = w - lr * (active * resid)[..., None] * x[:, i, None, :]
+    return torch.stack(out)
+
+
 def gradient_descent(xs: Tensor, ys: Tensor, steps: int, lr: float) -> Tensor:
     """Predictions of `steps` full-batch GD steps (gd_iterates) from w_0 = 0, per prefix."""
     steps = _int_arg(steps, "steps", 0)
     S, b, _ = prefix_stats(xs, ys)
     return _predict(gd_iterates(S, b, [steps], lr)[0], xs, ys)
+
+
+def online_gd(xs: Tensor, ys: Tensor, passes: int, lr: float) -> Tensor:
+    """Predictions of online GD after `passes` passes over each prefix (online_gd_iterates)."""
+    passes = _int_arg(passes, "passes", 0)
+    return _predict(online_gd_iterates(xs, ys, [passes], lr)[0], xs, ys)
 
 
 def iterative_newton(xs: Tensor, ys: Tensor, steps: int, alpha: str = "spectral") -> Tensor:

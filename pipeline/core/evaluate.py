@@ -2,7 +2,8 @@
 
     generate(cfg, study)  every grid point's tasks -> data/<study>/<grid>/<point>.npz (plain arrays + meta)
     evaluate(cfg, study)  networks (checked against the plan's fingerprints) and classical solvers on
-                          those sets -> <out_dir>/<study>/results.json (core/results.py schema)
+                          those sets, then the study's probes (core/probe.py) ->
+                          <out_dir>/<study>/results.json (core/results.py schema)
 
 Methods run under no_grad in chunks of eval.chunk_size tasks; per-task metrics are computed per
 chunk and concatenated, and a solver's random start for a task depends on the task's index in its
@@ -178,13 +179,18 @@ def evaluate(cfg: Config, study, root: Path | None = None, track: bool = True, p
                         if method.solver not in fam.solvers:
                             raise ConfigError(f"{study.name}: unknown solver {method.solver!r} for family "
                                               f"{fam.name} (choose from: {', '.join(fam.solvers)})")
-                        solver, network = fam.solvers[method.solver].factory(solver_params, cfg.seed, task), None
+                        params = {**solver_params, **(method.params or {})}
+                        solver, network = fam.solvers[method.solver].factory(params, cfg.seed, task), None
                     values, seconds, ok, reason = score(solver, batch, fam.metrics, cfg.eval.chunk_size)
                     rows += rows_for(g.name, point, method, network, fam.metrics, values, seconds, ok, reason)
                     bar.update(1)
+    from pipeline.core.probe import run_study_probes
+
+    probe_rows, probes = run_study_probes(cfg, study, sets, nets, device, solver_params, progress=progress)
+    rows += probe_rows
     results = {"study": study.name, "family": study.family, "title": study.title, "rows": rows,
                "meta": {"device": str(device), "seconds": time.perf_counter() - t_start,
-                        "networks": nets.run_of,
+                        "networks": nets.run_of, "probes": probes,
                         "grids": {g.name: {"axes": g.axes, "points": g.points, "n_tasks": g.n_tasks,
                                            "title": g.title} for g in grids}}}
     write_results(P.study_dir(cfg, study.name) / "results.json", results)

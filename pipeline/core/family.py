@@ -17,7 +17,12 @@ never name a family:
     batch_type          a dataclass with REQUIRED (array names), B, device, to_numpy / from_numpy,
                         slice (keeping task_index(): each task's row in its set) and to(device, dtype)
     monitor             the validation metric that sweeps optimise by default
-    probe_targets       algorithm -> iterates over a steps axis (what probing compares layers with)
+    probe_targets       algorithm -> core.probe.ProbeTarget: its iterates over a steps axis (what
+                        probing compares layers with); with residual(estimate, batch) -> (B, P), the
+                        error vector over the prompt whose cosine similarity probing measures, and
+                        optionally probe_features(states, mask, batch) -> ((B, P, C), targets (B, P))
+                        and probe_decode(preds (B, P), batch) where the read-out is linear (the
+                        closed-form probe); without them probing trains the family's read-out head
 
 Register a family by listing its module in FAMILY_MODULES; its module defines FAMILY.
 """
@@ -144,6 +149,10 @@ class TaskFamily:
 
     def decode(self, out, batch):
         raise NotImplementedError
+
+    def residual(self, est, batch) -> Tensor:
+        """Probing: (B, P) prediction - target over the prompt (core/probe.py)."""
+        raise NotImplementedError(f"family {self.name} defines no residual: it cannot be probed")
 
     def no_decay(self, param_name: str) -> bool:
         """Parameters exempt from weight decay besides biases and norms (e.g. learned queries)."""

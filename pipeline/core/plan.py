@@ -83,6 +83,9 @@ def _resolve(cfg: Config, studies: list[str] | None) -> Plan:
             labels[unit.name] = unit.label
         plan.studies[name] = StudyPlan(name, st.family, nets, labels)
         _check_expected(cfg, name, list(nets))
+        from pipeline.core.probe import check as check_probes
+
+        check_probes(st, cfg, list(nets))
     return plan
 
 
@@ -90,6 +93,7 @@ def _resolve(cfg: Config, studies: list[str] | None) -> Plan:
 
 STAGE_KINDS = ("train", "generate", "evaluate", "report")
 PLAN_STAGE_S = 5.0  # the plan stage itself (resolving every study, writing plans/)
+SUMMARY_STAGE_S = 4.0  # the top-level report (reads every study's results)
 
 
 def _check_expected(cfg: Config, study: str, units: list[str]) -> None:
@@ -121,6 +125,7 @@ def expected_times(cfg: Config, plan: Plan) -> dict[str, float | None]:
                 out[f"train-{rid}"] = None if sec is None else float(sec)
         for kind in STAGE_KINDS[1:]:
             out[f"{kind}-{name}"] = None if exp.get(kind) is None else float(exp[kind])
+    out["summary"] = SUMMARY_STAGE_S
     for name, sec in cfg.sweeps.items():
         out[f"sweep-{name}"] = float(sec)
     return out
@@ -301,7 +306,7 @@ def dvc_stages(cfg: Config, plan: Plan, sweeps_root: Path = Path("sweeps")) -> d
         stages[f"evaluate-{name}"] = {
             "cmd": f"python -m pipeline --study {name} evaluate",
             "deps": [f"data/{name}", f"plans/studies/{name}.json", *models, "pipeline/core/evaluate.py",
-                     "pipeline/core/network.py", "pipeline/core/results.py", "pipeline/algorithms", fam,
+                     "pipeline/core/network.py", "pipeline/core/results.py", "pipeline/core/probe.py", "pipeline/algorithms", fam,
                      f"pipeline/studies/{name}.py"],
             "outs": [{f"{sdir}/results.json": {"cache": False}}],
         }
@@ -311,6 +316,11 @@ def dvc_stages(cfg: Config, plan: Plan, sweeps_root: Path = Path("sweeps")) -> d
             "outs": [{f"{sdir}/report/{k}": {"cache": False}} for k in ("figures", "plots", "report.md")],
             "metrics": [{f"{sdir}/report/metrics.json": {"cache": False}}],
         }
+    stages["summary"] = {
+        "cmd": "python -m pipeline summary",
+        "deps": [f"{out}/{name}/results.json" for name in plan.studies] + ["pipeline/core/report.py"],
+        "outs": [{f"{out}/report.md": {"cache": False}}],
+    }
     known = sweep_names(sweeps_root)
     for name in cfg.sweeps:
         if name not in known:

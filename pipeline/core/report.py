@@ -265,6 +265,143 @@ def metrics_json(results: dict) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- probing (core/probe.py)
+
+def _probe_rows(results: dict, name: str) -> dict:
+    """{(metric, method, layer, step): row} of one probe."""
+    return {(r["metric"], r["method"], r["point"].get("layer"), r["point"].get("step")): r
+            for r in results["rows"] if r["grid"] == f"probe:{name}"}
+
+
+def probe_heatmap(results: dict, name: str, path: Path) -> Path:
+    """One panel per algorithm: mean residual cosine of layer (rows) vs step (columns), best step marked."""
+    p = results["meta"]["probes"][name]
+    rows = _probe_rows(results, name)
+    algs = list(p["algorithms"])
+    L = p["layers"]
+    fig, axes = plt.subplots(1, len(algs), figsize=(4.6 * len(algs), 0.42 * L + 2.2), squeeze=False)
+    for ax, a in zip(axes[0], algs):
+        steps = p["algorithms"][a]["steps"]
+        sim = np.array([[num(rows[("cosine", a, layer, k)]["mean"]) for k in steps] for layer in range(L)])
+        im = ax.imshow(sim, aspect="auto", origin="lower", cmap="viridis", vmin=np.nanmin(sim), vmax=np.nanmax(sim))
+        best = np.nanargmax(sim, axis=1)
+        ax.plot(best, range(L), "o", color="white", ms=4, mec="black", mew=0.6)
+        ax.set_xticks(range(len(steps)))
+        ax.set_xticklabels([str(k) for k in steps], fontsize=7, rotation=90 if len(steps) > 8 else 0)
+        ax.set_yticks(range(L))
+        ax.set_xlabel(p["algorithms"][a]["label"] or f"{a} step")
+        ax.set_title(a, fontsize=9)
+        if ax is axes[0, 0]:
+            ax.set_ylabel("layer (0 = read-in)")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    fig.suptitle(f"{p['title'] or name}: residual cosine, layer probe vs algorithm step (dot: best), "
+                 f"{p['n_held_out']} held-out tasks", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def probe_best_steps_figure(results: dict, path: Path, csv_path: Path) -> Path:
+    """Panels per algorithm, one line per probe: the best-matching step of every layer (+ a dvc-plots CSV)."""
+    probes = results["meta"]["probes"]
+    algs = list(dict.fromkeys(a for p in probes.values() for a in p["algorithms"]))
+    fig, axes = plt.subplots(1, len(algs), figsize=(4.4 * len(algs), 3.6), squeeze=False)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["panel", "series", "layer", "value"])
+        for ax, a in zip(axes[0], algs):
+            log = False
+            for name, p in probes.items():
+                if a not in p["algorithms"]:
+                    continue
+                best = p["algorithms"][a]["best_steps"]
+                log = log or p["algorithms"][a]["log_steps"]
+                ax.plot(range(len(best)), best, marker="o", ms=3.5, lw=1.4, label=name)
+                for layer, k in enumerate(best):
+                    w.writerow([a, name, layer, k])
+            if log:
+                ax.set_yscale("symlog", base=2, linthresh=1)
+            ax.set_title(a, fontsize=9)
+            ax.set_xlabel("layer (0 = read-in)")
+            ax.set_ylabel("best-matching step")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle("best-matching algorithm step per layer (argmax of the residual cosine)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def probe_table(results: dict, name: str) -> str:
+    """Markdown: per layer, the probe's error and each algorithm's best step (its mean cosine)."""
+    p = results["meta"]["probes"][name]
+    rows = _probe_rows(results, name)
+    algs = list(p["algorithms"])
+    md = [f"**{p['title'] or name}** (network `{p['network']}`, read-out {p['fit']} on {p['n_fit']} fresh prompts, "
+          f"{p['n_held_out']} held-out)", "",
+          "| layer | probe error | " + " | ".join(f"{a}: best step (cosine)" for a in algs) + " |",
+          "|---:|---:|" + "---:|" * len(algs)]
+    for layer in range(p["layers"]):
+        err = rows[("error", "probe", layer, None)]
+        cells = [f"{fmt(num(rows[('best_step', a, layer, None)]['mean']))} "
+                 f"({num(rows[('best_cosine', a, layer, None)]['mean']):.3f})" for a in algs]
+        md.append(f"| {layer} | {fmt(num(err['mean']))} | " + " | ".join(cells) + " |")
+    return "\n".join(md) + "\n"
+
+
+def alignment_table(all_results: dict) -> str:
+    """The cross-study answer to "which algorithm is it": for every probe of every study, per layer,
+    the algorithm (and step) whose residuals its probe matches best, and the mean cosine."""
+    lines, L = [], 0
+    for study, res in all_results.items():
+        for name, p in (res["meta"].get("probes") or {}).items():
+            rows = _probe_rows(res, name)
+            cells = []
+            for layer in range(p["layers"]):
+                cands = [(num(rows[("best_cosine", a, layer, None)]["mean"]), a,
+                          num(rows[("best_step", a, layer, None)]["mean"])) for a in p["algorithms"]]
+                cos, a, k = max(cands, key=lambda c: -math.inf if math.isnan(c[0]) else c[0])
+                cells.append(f"{a} {fmt(k)} ({cos:.3f})")
+            L = max(L, len(cells))
+            lines.append((study, p["title"] or name, p["network"], cells))
+    if not lines:
+        return "No study declares probing.\n"
+    md = ["| study | probe | network | " + " | ".join(f"layer {i}" for i in range(L)) + " |",
+          "|---|---|---|" + "---|" * L]
+    for study, title, net, cells in lines:
+        md.append(f"| {study} | {title} | `{net}` | " + " | ".join(cells + [""] * (L - len(cells))) + " |")
+    return "\n".join(md) + "\n"
+
+
+def write_summary(cfg, studies: list, out_path: Path) -> Path:
+    """The top-level report: every study's title and report, and the cross-study alignment table."""
+    from pipeline.core import plan as P
+    from pipeline.core.results import load_results
+
+    all_results = {}
+    md = ["# Transformers as algorithm simulators: every study of this run", "",
+          f"Studies: {', '.join(s.name for s in studies)}. Each study's report: "
+          f"`{cfg.out_dir}/<study>/report/report.md`.", ""]
+    for st in studies:
+        res = load_results(P.study_dir(cfg, st.name) / "results.json", f"python -m pipeline --study {st.name} evaluate")
+        all_results[st.name] = res
+        md.append(f"- **{st.name}**: {st.title} ([report]({st.name}/report/report.md); about it: `{st.doc}`)")
+    md += ["", "## Which algorithm does each layer run?", "",
+           "Per probed network and layer: the algorithm and step whose residuals (prediction - target over the "
+           "prompt) the layer's refitted read-out matches best, with the mean residual cosine over held-out "
+           "tasks (1 = the same errors). Steps are iterations (Newton, GD, EM) or passes (online GD).", "",
+           alignment_table(all_results)]
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text("\n".join(md).rstrip() + "\n")
+    return out_path
+
+
 def write_report(cfg, study, results: dict, out_dir: Path) -> list[Path]:
     fam = F.get(study.family)
     index = Index(results)
@@ -295,6 +432,21 @@ def write_report(cfg, study, results: dict, out_dir: Path) -> list[Path]:
         plot_csv(index, spec, metric, out_dir / "plots" / f"{spec.name}.csv")
         md.append(f"![{spec.title or spec.name}](figures/{p.name})\n")
         paths.append(p)
+    probes = results["meta"].get("probes") or {}
+    if probes:
+        md += ["## Probing: which algorithm step does each layer match?", "",
+               "Each layer's read-out is refitted on frozen hidden states; its residuals (prediction - target "
+               "over the prompt) are compared by cosine similarity with each algorithm's residuals after k steps "
+               "on the same held-out tasks (core/probe.py).", ""]
+        p = probe_best_steps_figure(results, out_dir / "figures" / "probe_best_steps.png",
+                                    out_dir / "plots" / "probe_best_steps.csv")
+        md.append(f"![best-matching step per layer](figures/{p.name})\n")
+        paths.append(p)
+        for name in probes:
+            md.append(probe_table(results, name))
+            p = probe_heatmap(results, name, out_dir / "figures" / f"probe_{name}.png")
+            md.append(f"![{name}](figures/{p.name})\n")
+            paths.append(p)
     (out_dir / "report.md").write_text("\n".join(md).rstrip() + "\n")
     (out_dir / "metrics.json").write_text(json.dumps(metrics_json(results), indent=2, sort_keys=True) + "\n")
     for sub in ("figures", "plots"):

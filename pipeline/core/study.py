@@ -35,6 +35,7 @@ class Method:
     unit: str | None = None
     solver: str | None = None
     label: str = ""
+    params: dict | None = None  # a solver's settings over the family's baselines (e.g. {"newton_steps": 5})
 
 
 @dataclass
@@ -112,6 +113,10 @@ class Study:
         return []
 
     def figures(self, cfg: Config) -> list[Figure]:
+        return []
+
+    def probes(self, cfg: Config) -> list:
+        """Probing analyses (core/probe.py Probe): which algorithm step each layer of a unit matches."""
         return []
 
     def notes(self, cfg: Config, results: dict) -> list[str]:

@@ -11,6 +11,7 @@ STUDY_MODULES = {
     "robustness": "pipeline.studies.robustness",
     "ablation": "pipeline.studies.ablation",
     "linreg": "pipeline.studies.linreg",
+    "second_order": "pipeline.studies.second_order",
 }
 
 _CACHE: dict = {}

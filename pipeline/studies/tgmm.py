@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.core import rng
-from pipeline.core.config import _f
+from pipeline.core.config import ConfigError, _f
+from pipeline.core.probe import Probe
 from pipeline.core.study import StudySection, Figure, Grid, Method, Study, Table, Unit
 from pipeline.families.gmm import FAMILY
 from pipeline.families.gmm.config import check_sample_size
@@ -23,6 +24,12 @@ class TGMMSection(StudySection):
     n_tasks: int = _f(256, "evaluation tasks per (d, K) (paper: 1280)", min=1)
     n: int = _f(128, "sample size of every evaluation task (paper: 128)", min=2)
     methods: list[str] = _f(list(GMM_METHODS), "classical solvers compared", choices=GMM_METHODS)
+    probe_ks: list[int] = _f([3], "probing: the K values at which the first d's network is probed against EM "
+                                  "iterations ([] = no probing)")
+    probe_em_steps: list[int] = _f([1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 100],
+                                   "probing: EM (paper start) iteration counts compared with every layer")
+    probe_tasks: int = _f(1024, "probing: probe-training tasks (fresh draws, N = task n0)", min=16)
+    probe_fit_steps: int = _f(300, "probing: Adam steps of each layer's fresh read-out head", min=1)
 
 
 def eval_set(cfg, task, K: int, n_tasks: int, n: int, device="cpu"):
@@ -47,6 +54,9 @@ class TGMMStudy(Study):
     def check(self, cfg):
         s = self.section(cfg)
         check_sample_size(s.n, self.task(cfg).ks, "tgmm.n")
+        bad = [K for K in s.probe_ks if K not in self.task(cfg).ks]
+        if bad:
+            raise ConfigError(f"tgmm.probe_ks: {bad} not among the trained K values {self.task(cfg).ks}")
 
     def units(self, cfg):
         return [Unit(f"d{d}", {"task": {"d": d}}) for d in self.section(cfg).dims]
@@ -63,6 +73,18 @@ class TGMMStudy(Study):
 
         return [Grid("main", ["d", "K"], [{"d": d, "K": K} for d in s.dims for K in ks], make_set, methods,
                      title="d x K", n_tasks=s.n_tasks)]
+
+    def point_task(self, cfg, grid, point):
+        return self.task(cfg, d=point["d"])
+
+    def probes(self, cfg):
+        """The d = dims[0] network's layers vs EM iterations (paper start), with a fresh attentive-pooling
+        read-out trained per layer on the frozen states (the head is not linear: no closed form)."""
+        s = self.section(cfg)
+        d = s.dims[0]
+        return [Probe(f"d{d}_K{K}", f"d{d}", "main", {"d": d, "K": K}, {"em_paper": list(s.probe_em_steps)},
+                      n_fit=s.probe_tasks, fit="trained", fit_steps=s.probe_fit_steps,
+                      title=f"tgmm d = {d}, K = {K}") for K in s.probe_ks]
 
     def tables(self, cfg):
         return gmm_tables("main")

@@ -15,6 +15,7 @@ import dataclasses
 import torch
 
 from pipeline.core.family import Metric, SolverSpec, TaskFamily, solver_name
+from pipeline.core.probe import ProbeTarget
 from pipeline.families.gmm import config as C
 from pipeline.families.gmm.data import GMMBatch, GMMEstimate, sample_gmm
 
@@ -64,16 +65,16 @@ def _spectral(p: dict, seed: int, task) -> object:
 _DEFAULTS = dataclasses.asdict(C.GMMSolvers())
 
 
-def _em_iterates(batch, steps: list[int], seed: int = 0):
-    """EM (paper protocol) weights/means after each of `steps` iterations: what probing compares with.
-    Step counts start at 1 (the iterates hold no start; a step 0 used to come back as the last iterate)."""
+def _em_iterates(batch, steps: list[int], p: dict) -> list[GMMEstimate]:
+    """Probe target: EM (paper protocol, start seeded by p["seed"]) after each of `steps` iterations,
+    one GMMEstimate per step. Step counts start at 1 (the iterates hold no start)."""
     from pipeline.algorithms import EMPaper
 
     if not steps or any(int(s) < 1 for s in steps):
         raise ValueError(f"steps must be EM iteration counts >= 1, got {list(steps)}")
-    res = EMPaper(max_iter=max(steps), tol=1e-300, seed=seed, return_iterates=True)(batch)
+    res = EMPaper(max_iter=max(steps), tol=0.0, seed=int(p.get("seed", 0)), return_iterates=True)(batch)
     its = res.extras["iterates"]
-    return [its[min(s, len(its)) - 1] for s in steps]
+    return [GMMEstimate(weights=its[min(s, len(its)) - 1][0], means=its[min(s, len(its)) - 1][1]) for s in steps]
 
 
 class GMMFamily(TaskFamily):
@@ -100,7 +101,7 @@ class GMMFamily(TaskFamily):
         "spectral": SolverSpec(_spectral, "Hsu-Kakade moment method with tensor power iteration; needs K <= d",
                                uses=("spectral_restarts", "spectral_iters")),
     }
-    probe_targets = {"em_paper": _em_iterates}
+    probe_targets = {"em_paper": ProbeTarget(_em_iterates, "EM iterations (paper start)", log_steps=True)}
 
     def validate(self, task, model, where):
         C.validate(task, model, where)
@@ -161,6 +162,20 @@ class GMMFamily(TaskFamily):
         logits, means, scales = out
         return GMMEstimate(weights=torch.softmax(logits.float(), -1), means=means.float(),
                            scales=None if scales is None else scales.float())
+
+    def residual(self, est: GMMEstimate, batch: GMMBatch):
+        """(B, K (d + 1)): estimate - truth of the means and weights, components matched to the truth
+        by the Hungarian l2 matching (core/probe.py compares these vectors by cosine similarity)."""
+        from pipeline.families.gmm.metrics import l2_error
+
+        _, perms = l2_error(est.weights, est.means, batch.weights, batch.means)
+        idx = torch.as_tensor(perms, device=est.means.device).clamp(min=0)  # (B, K); -1 (non-finite) -> NaN below
+        means = est.means.double().gather(1, idx[..., None].expand(-1, -1, est.means.shape[-1]))
+        weights = est.weights.double().gather(1, idx)
+        r = torch.cat([(means - batch.means.double().to(means.device)).flatten(1),
+                       weights - batch.weights.double().to(weights.device)], 1)
+        bad = torch.as_tensor(perms[:, 0] < 0, device=r.device)
+        return torch.where(bad[:, None], torch.full_like(r, float("nan")), r)
 
     def no_decay(self, param_name: str) -> bool:
         return "query" in param_name  # the pooling heads' learned queries

@@ -13,6 +13,7 @@ import dataclasses
 import torch
 
 from pipeline.core.family import Metric, SolverSpec, TaskFamily, solver_name
+from pipeline.core.probe import ProbeTarget
 from pipeline.families.linreg import config as C
 from pipeline.families.linreg.data import LinRegBatch, RegEstimate, sample_linreg
 
@@ -47,6 +48,23 @@ def _R():
     return regression
 
 
+def _iterates(kind: str):
+    """Probe target: the predictions after each of `steps` iterations, one RegEstimate per step."""
+
+    def fn(batch: LinRegBatch, steps: list[int], p: dict) -> list[RegEstimate]:
+        R = _R()
+        if kind == "online_gd":
+            W = R.online_gd_iterates(batch.xs, batch.ys, steps, p["online_lr"])
+        else:
+            S, b, _ = R.prefix_stats(batch.xs, batch.ys)
+            W = R.gd_iterates(S, b, steps, p["gd_lr"]) if kind == "gd" else R.newton_iterates(S, b, steps,
+                                                                                               p["newton_alpha"])
+        preds = (W * batch.xs.to(W.dtype)).sum(-1)  # (S, B, n)
+        return [RegEstimate(preds=pk) for pk in preds]
+
+    return fn
+
+
 class LinRegFamily(TaskFamily):
     name = "linreg"
     TaskConfig = C.LinRegTask
@@ -68,6 +86,14 @@ class LinRegFamily(TaskFamily):
                       lambda p: lambda x, y: _R().gradient_descent(x, y, p["gd_steps"], p["gd_lr"])),
         "newton": _solver("newton", ("newton_steps", "newton_alpha"),
                           lambda p: lambda x, y: _R().iterative_newton(x, y, p["newton_steps"], p["newton_alpha"])),
+        "online_gd": _solver("online_gd", ("online_passes", "online_lr"),
+                             lambda p: lambda x, y: _R().online_gd(x, y, p["online_passes"], p["online_lr"])),
+    }
+    # What probing compares layers with (core/probe.py): the iterates of each algorithm on a steps axis.
+    probe_targets = {
+        "newton": ProbeTarget(_iterates("newton"), "iterative Newton steps"),
+        "gd": ProbeTarget(_iterates("gd"), "gradient-descent steps", log_steps=True),
+        "online_gd": ProbeTarget(_iterates("online_gd"), "online-GD passes"),
     }
 
     def validate(self, task, model, where):
@@ -97,6 +123,19 @@ class LinRegFamily(TaskFamily):
 
     def decode(self, preds, batch) -> RegEstimate:
         return RegEstimate(preds=preds.float())
+
+    # ------------------------------------------------------------------ probing (core/probe.py)
+    def residual(self, est: RegEstimate, batch: LinRegBatch):
+        """(B, n - 1): prediction - y at every prefix k >= 1 (at k = 0 every method predicts 0, which
+        would add the same term to every similarity)."""
+        return (est.preds.to(batch.ys.device).double() - batch.ys.double())[:, 1:]
+
+    def probe_features(self, states, mask, batch):
+        """The read-out is linear at the x_i positions: features (B, n, C), targets y (B, n)."""
+        return states[:, 0::2], batch.ys
+
+    def probe_decode(self, preds, batch) -> RegEstimate:
+        return RegEstimate(preds=preds)
 
 
 FAMILY = LinRegFamily()

@@ -27,6 +27,10 @@ class LinRegSolvers:
     gd_steps: int = _f(10, "gradient descent: steps from w = 0 (Fu et al.'s anchor: a grid up to thousands)", min=0)
     gd_lr: float = _f(0.02, "gradient descent: step size on sum_i (y_i - w.x_i)^2 / 2 (anchor: 0.01)", gt=0)
     newton_steps: int = _f(3, "iterative Newton: Newton-Schulz steps (Fu et al.: ~3 per middle layer)", min=0)
+    online_passes: int = _f(1, "online GD: passes over the prefix's examples, one example per update (1 = the "
+                               "classical online learner)", min=0)
+    online_lr: float = _f(0.05, "online GD: step size of w <- w - lr (w.x_i - y_i) x_i (stable below 2 / ||x_i||^2 "
+                               "~ 2 / d)", gt=0)
     newton_alpha: str = _f("spectral", "iterative Newton start M0 = a S: spectral a = 1/||SS^T||_2 (the midpoint of "
                                        "the convergent range (0, 2/||SS^T||_2); the paper's 2/||SS^T||_2 is its edge) "
                                        "| frobenius a = 1/||SS^T||_F (anchor code)", choices=("spectral", "frobenius"))
