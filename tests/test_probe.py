@@ -97,3 +97,24 @@ def test_trained_probe_also_finds_the_diagonal():
 def test_bad_fit_is_rejected():
     with pytest.raises(ValueError, match="fit must be one of"):
         probe.run_probe(FAMILY, LinRegTask(), ModelConfig(), None, None, None, None, {}, PARAMS, fit="lasso")
+
+
+def test_multi_output_probe_recovers_a_planted_readout():
+    """logreg: the read-out is Linear(width -> d) at the read-out token (a multi-output ridge)."""
+    from pipeline.families.logreg import FAMILY as LOGREG
+    from pipeline.families.logreg.config import LogRegTask
+    from pipeline.families.logreg.data import sample_logreg
+
+    A = torch.randn(5, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # w -> state
+
+    def states_fn(batch):
+        g = torch.Generator().manual_seed(batch.B)
+        h = torch.randn(batch.B, batch.n + 1, 12, generator=g, dtype=torch.float64)
+        h[:, -1] = batch.w_target.double() @ A + 0.3  # the state is an invertible affine image of w_mu
+        return [h.float(), (2 * h).float()], torch.ones(batch.B, batch.n + 1, dtype=torch.bool)
+
+    fit = sample_logreg(256, 5, 26, torch.Generator().manual_seed(9))
+    held = sample_logreg(128, 5, 26, torch.Generator().manual_seed(10))
+    res = probe.run_probe(LOGREG, LogRegTask(), ModelConfig(), None, states_fn, fit, held, {"newton": [0, 5]}, {})
+    assert res.layer_error.shape == (2, 128) and res.layer_error.max() < 1e-8
+    assert res.step_error["newton"].shape == (2, 128)

@@ -61,6 +61,8 @@ class ModelConfig:
                               "gpt2: causal with learned positions (anchor-faithful)", choices=("set", "gpt2"))
     attention: str = _f("softmax", "transformer only. softmax (SDPA) | relu: ReLU(q.k/sqrt(hd)) / #keys | "
                                    "linear: q.k/sqrt(hd) / #keys (no softmax)", choices=ATTENTIONS)
+    mlp: str = _f("gelu", "transformer only. MLP activation: gelu (GPT-2) | relu (the in-context Newton "
+                          "constructions, e.g. linear attention + ReLU MLP)", choices=("gelu", "relu"))
     n_layer: int = _f(4, "backbone depth", min=1)
     n_head: int = _f(4, "attention heads; must divide n_embd", min=1)
     n_embd: int = _f(64, "width", min=1)
@@ -245,6 +247,9 @@ def check_model(m: ModelConfig, where: str) -> None:
         if m.attention != "softmax":
             raise ConfigError(f"{where}.attention: {m.attention!r} applies to backbone transformer only, "
                               f"not {m.backbone!r} (leave it softmax)")
+        if m.mlp != "gelu":
+            raise ConfigError(f"{where}.mlp: {m.mlp!r} applies to backbone transformer only, "
+                              f"not {m.backbone!r} (leave it gelu)")
         if m.position != "set":
             raise ConfigError(f"{where}.position: {m.position!r} applies to backbone transformer only; {m.backbone} "
                               "reads the sample in order already (leave it set; see model.bidirectional)")

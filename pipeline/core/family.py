@@ -38,6 +38,7 @@ from torch import Tensor, nn
 FAMILY_MODULES = {
     "gmm": "pipeline.families.gmm",
     "linreg": "pipeline.families.linreg",
+    "logreg": "pipeline.families.logreg",
 }
 
 

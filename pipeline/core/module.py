@@ -136,8 +136,11 @@ class TaskModule(pl.LightningModule):
 
         decay = [p for n, p in self.net.named_parameters() if decays(n, p)]
         no_decay = [p for n, p in self.net.named_parameters() if not decays(n, p)]
+        # fused AdamW (one kernel over all parameters) where the device has it: 5 % of a small
+        # network's step on the CPU (linreg: 27.5 -> 26.0 ms; docs/speed.md)
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in self.net.parameters())
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, fused=fused or None)
 
         def lr_factor(step: int) -> float:  # linear warm-up, then cosine down to min_lr_ratio
             if step < t.warmup_steps:

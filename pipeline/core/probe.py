@@ -163,7 +163,7 @@ def layer_states(net, batch, chunk: int = 512) -> tuple[list[Tensor], Tensor]:
 # ----------------------------------------------------------------------------- read-outs
 
 def ridge_fit(X: Tensor, y: Tensor, lam: float = 1e-6) -> Tensor:
-    """Least squares with a bias: X (M, C), y (M,) -> w (C + 1,) minimising ||[X 1] w - y||^2 +
+    """Least squares with a bias: X (M, C), y (M,) or (M, O) -> w (C + 1[, O]) minimising ||[X 1] w - y||^2 +
     lam * tr(X^T X)/C * ||w[:C]||^2 (float64; the tiny ridge only keeps a rank-deficient X solvable)."""
     X64 = torch.cat([X.double(), torch.ones(X.shape[0], 1, dtype=torch.float64, device=X.device)], 1)
     A = X64.T @ X64
@@ -180,8 +180,8 @@ def _fit_ridge(fam, states_fit, mask_fit, fit_batch, states_eval, mask_eval, eva
     """Per layer: the closed-form read-out on family.probe_features -> held-out Estimates."""
     out = []
     for hf, he in zip(states_fit, states_eval):
-        Xf, yf = fam.probe_features(hf, mask_fit, fit_batch)  # (B, P, C), (B, P)
-        w = ridge_fit(Xf.reshape(-1, Xf.shape[-1]), yf.reshape(-1))
+        Xf, yf = fam.probe_features(hf, mask_fit, fit_batch)  # (B, P, C), targets (B, P) or (B, P, O)
+        w = ridge_fit(Xf.reshape(-1, Xf.shape[-1]), yf.reshape(-1, *yf.shape[2:]))
         Xe, _ = fam.probe_features(he, mask_eval, eval_batch)
         out.append(fam.probe_decode(ridge_predict(Xe, w).float(), eval_batch))
     return out

@@ -33,7 +33,8 @@ class Backbone(Protocol):
 def _transformer(m: ModelConfig) -> nn.Module:
     from pipeline.models.transformer import Transformer
 
-    return Transformer(m.n_layer, m.n_embd, m.n_head, m.mlp_ratio, m.dropout, m.position, m.max_len, m.attention)
+    return Transformer(m.n_layer, m.n_embd, m.n_head, m.mlp_ratio, m.dropout, m.position, m.max_len, m.attention,
+                       m.mlp)
 
 
 def _mamba2(m: ModelConfig) -> nn.Module:
@@ -70,7 +71,7 @@ def is_causal(m: ModelConfig) -> bool:
 def describe(m: ModelConfig) -> str:
     """A short human label, e.g. 'transformer(set, relu) L4 D64' or 'mamba2(causal) L4 D96'."""
     if m.backbone == "transformer":
-        kind = f"transformer({m.position}, {m.attention})"
+        kind = f"transformer({m.position}, {m.attention}" + (f", {m.mlp} MLP)" if m.mlp != "gelu" else ")")
     else:
         kind = f"{m.backbone}({'bidirectional' if m.bidirectional else 'causal'})"
     return f"{kind} L{m.n_layer} D{m.n_embd}"

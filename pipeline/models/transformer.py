@@ -75,12 +75,13 @@ class SelfAttention(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, n_embd: int, n_head: int, mlp_ratio: int, dropout: float, causal: bool,
-                 attention: str = "softmax"):
+                 attention: str = "softmax", mlp: str = "gelu"):
         super().__init__()
         self.ln1 = nn.LayerNorm(n_embd)
         self.attn = SelfAttention(n_embd, n_head, dropout, causal, attention)
         self.ln2 = nn.LayerNorm(n_embd)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, mlp_ratio * n_embd), nn.GELU(),
+        act = {"gelu": nn.GELU, "relu": nn.ReLU}[mlp]
+        self.mlp = nn.Sequential(nn.Linear(n_embd, mlp_ratio * n_embd), act(),
                                  nn.Linear(mlp_ratio * n_embd, n_embd), nn.Dropout(dropout))
         self.drop = nn.Dropout(dropout)
 
@@ -93,14 +94,15 @@ class Transformer(nn.Module):
     """Token sequence (B, N, C) + mask (B, N) -> final states (B, N, C) and per-layer states."""
 
     def __init__(self, n_layer: int, n_embd: int, n_head: int, mlp_ratio: int = 4, dropout: float = 0.0,
-                 position: str = "set", max_len: int = 1024, attention: str = "softmax"):
+                 position: str = "set", max_len: int = 1024, attention: str = "softmax", mlp: str = "gelu"):
         super().__init__()
         if position not in ("set", "gpt2"):
             raise ValueError(f"position must be 'set' or 'gpt2', got {position!r}")
         self.position = position
         causal = position == "gpt2"
         self.wpe = nn.Embedding(max_len, n_embd) if causal else None
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, mlp_ratio, dropout, causal, attention) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, mlp_ratio, dropout, causal, attention, mlp)
+                                    for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd)
 
     def forward(self, h: Tensor, mask: Tensor, return_hidden: bool = False) -> tuple[Tensor, list[Tensor]]:

@@ -12,6 +12,7 @@ STUDY_MODULES = {
     "ablation": "pipeline.studies.ablation",
     "linreg": "pipeline.studies.linreg",
     "second_order": "pipeline.studies.second_order",
+    "logreg": "pipeline.studies.logreg",
 }
 
 _CACHE: dict = {}

@@ -42,7 +42,7 @@ class SecondOrderSection(StudySection):
     probe_fit: str = _f("ridge", "probing read-out: ridge (closed form) | trained (the family head, Adam)",
                         choices=("ridge", "trained"))
     probe_tasks: int = _f(2048, "probing: probe-training prompts (fresh draws of the held-out distribution)", min=16)
-    other_train: dict = _f({"steps": 3000}, "overrides of `train` for transformer_k100 and lstm (the time budget; "
+    other_train: dict = _f({"steps": 2000}, "overrides of `train` for transformer_k100 and lstm (the time budget; "
                                              "transformer keeps the section's train, so it is the linreg network)")
     lstm: dict = _f({"backbone": "lstm", "position": "set"}, "overrides of `model` for the LSTM network (same width "
                                                               "and depth; position is a transformer key)")

@@ -28,8 +28,8 @@ class TGMMSection(StudySection):
                                   "iterations ([] = no probing)")
     probe_em_steps: list[int] = _f([1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 100],
                                    "probing: EM (paper start) iteration counts compared with every layer")
-    probe_tasks: int = _f(1024, "probing: probe-training tasks (fresh draws, N = task n0)", min=16)
-    probe_fit_steps: int = _f(300, "probing: Adam steps of each layer's fresh read-out head", min=1)
+    probe_tasks: int = _f(512, "probing: probe-training tasks (fresh draws, N = task n0)", min=16)
+    probe_fit_steps: int = _f(150, "probing: Adam steps of each layer's fresh read-out head", min=1)
 
 
 def eval_set(cfg, task, K: int, n_tasks: int, n: int, device="cpu"):
