@@ -279,7 +279,8 @@ def probe_heatmap(results: dict, name: str, path: Path) -> Path:
     rows = _probe_rows(results, name)
     algs = list(p["algorithms"])
     L = p["layers"]
-    fig, axes = plt.subplots(1, len(algs), figsize=(4.6 * len(algs), 0.42 * L + 2.2), squeeze=False)
+    width = max(4.6 * len(algs), 7.0)
+    fig, axes = plt.subplots(1, len(algs), figsize=(width, 0.42 * L + 2.6), squeeze=False)
     for ax, a in zip(axes[0], algs):
         steps = p["algorithms"][a]["steps"]
         sim = np.array([[num(rows[("cosine", a, layer, k)]["mean"]) for k in steps] for layer in range(L)])
@@ -294,8 +295,9 @@ def probe_heatmap(results: dict, name: str, path: Path) -> Path:
         if ax is axes[0, 0]:
             ax.set_ylabel("layer (0 = read-in)")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
-    fig.suptitle(f"{p['title'] or name}: residual cosine, layer probe vs algorithm step (dot: best), "
-                 f"{p['n_held_out']} held-out tasks", fontsize=9)
+    title = (f"{p['title'] or name}: residual cosine, layer probe vs algorithm step (dot: best), "
+             f"{p['n_held_out']} held-out tasks")
+    fig.suptitle(textwrap.fill(title, int(width * 13)), fontsize=9)  # wrapped: never wider than the figure
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
