@@ -53,6 +53,11 @@ def _check_steps(steps: Sequence[int]) -> list[int]:
     return steps
 
 
+def _check_lr(lr: float) -> None:
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr}")
+
+
 def _check_stats(S: Tensor, b: Tensor) -> None:
     if S.dim() < 2 or S.shape[-1] != S.shape[-2] or S.shape[:-1] != b.shape:
         raise ValueError(f"expected S (..., d, d) and b (..., d), got {tuple(S.shape)} and {tuple(b.shape)}")
@@ -141,8 +146,7 @@ def gd_iterates(S: Tensor, b: Tensor, steps: Sequence[int], lr: float) -> Tensor
     step count (ascending), in one pass. Diverges once lr * lambda_max(S) > 2."""
     _check_stats(S, b)
     steps = _check_steps(steps)
-    if not (math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"lr must be a finite number >= 0, got {lr}")
+    _check_lr(lr)
     dt = _work_dtype(S.device)
     S64, b64 = S.to(dt), b.to(dt)
     w = torch.zeros_like(b64)  # (..., d)
@@ -192,12 +196,11 @@ def online_gd_iterates(xs: Tensor, ys: Tensor, passes: Sequence[int], lr: float)
     visits the prefix's examples i = 0 .. k-1 in prompt order, w <- w - lr (<w, x_i> - y_i) x_i.
     Returns W (len(passes), B, n, d) in the work dtype: the weights of every prefix k after each
     requested number of passes (ascending); one pass is the classical online learner that sees each
-    example once (what an LSTM reading the prompt could run). All prefixes advance together: prefix k skips examples
-    i >= k. Diverges once lr ||x_i||^2 > 2."""
+    example once (what an LSTM reading the prompt could run). All prefixes advance together:
+    prefix k skips examples i >= k. Diverges once lr ||x_i||^2 > 2."""
     _check_inputs(xs, ys)
     passes = _check_steps(passes)
-    if not (math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"lr must be a finite number >= 0, got {lr}")
+    _check_lr(lr)
     dt = _work_dtype(xs.device)
     x, y = xs.to(dt), ys.to(dt)
     B, n, d = x.shape

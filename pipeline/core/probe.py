@@ -88,6 +88,7 @@ def check(study, cfg, units: list[str]) -> None:
     """A study's probes against its units, grids and family (a one-line ConfigError naming the probe)."""
     from pipeline.core import family as F
     from pipeline.core.config import ConfigError
+    from pipeline.core.study import check_step_counts
 
     fam = F.get(study.family)
     grids = {g.name: g for g in study.grids(cfg)}
@@ -102,9 +103,7 @@ def check(study, cfg, units: list[str]) -> None:
             if name not in fam.probe_targets:
                 raise ConfigError(f"{where}: family {fam.name} has no probe target {name!r} (known: "
                                   f"{', '.join(fam.probe_targets) or 'none'})")
-            if (not steps or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in steps)
-                    or list(steps) != sorted(set(steps))):
-                raise ConfigError(f"{where}: steps of {name} must be distinct ascending integers >= 0, got {list(steps)}")
+            check_step_counts(f"{where}: steps of {name}", steps)
         if p.fit not in FITS:
             raise ConfigError(f"{where}: fit must be one of {', '.join(FITS)}, got {p.fit!r}")
         if p.fit == "ridge" and not hasattr(fam, "probe_features"):

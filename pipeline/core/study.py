@@ -16,6 +16,20 @@ from typing import Any, Callable
 from pipeline.core.config import Config, ConfigError, RunConfig
 
 
+def check_step_counts(where: str, steps) -> None:
+    """Step / iteration counts of a study key or a probe: distinct ascending integers >= 0."""
+    steps = list(steps)
+    if not steps or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in steps) \
+            or steps != sorted(set(steps)):
+        raise ConfigError(f"{where}: distinct ascending integers >= 0, got {steps}")
+
+
+def check_conditions(where: str, values) -> None:
+    """Condition numbers of Cov(x) (a study's evaluation grid): a non-empty list of numbers >= 1."""
+    if not values or any(isinstance(c, bool) or not isinstance(c, (int, float)) or c < 1 for c in values):
+        raise ConfigError(f"{where}: condition numbers >= 1, got {values}")
+
+
 @dataclass(frozen=True)
 class Unit:
     """A network of the study: `overrides` of the run params ({"task": {...}, "model": {...},

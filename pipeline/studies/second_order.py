@@ -20,7 +20,8 @@ import numpy as np
 from pipeline.core import rng
 from pipeline.core.config import ConfigError, _f
 from pipeline.core.probe import Probe
-from pipeline.core.study import Figure, Grid, Method, Study, StudySection, Table, Unit
+from pipeline.core.study import (Figure, Grid, Method, Study, StudySection, Table, Unit, check_conditions,
+                                  check_step_counts)
 from pipeline.families.linreg import FAMILY
 from pipeline.families.linreg.data import sample_linreg
 
@@ -58,11 +59,8 @@ class SecondOrderStudy(Study):
     def check(self, cfg):
         s = self.section(cfg)
         for key in ("newton_steps", "gd_steps", "probe_newton", "probe_gd", "probe_online"):
-            v = getattr(s, key)
-            if not v or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in v) or v != sorted(set(v)):
-                raise ConfigError(f"{self.name}.{key}: distinct ascending integers >= 0, got {v}")
-        if not s.conditions or any(not isinstance(c, (int, float)) or isinstance(c, bool) or c < 1 for c in s.conditions):
-            raise ConfigError(f"{self.name}.conditions: condition numbers >= 1, got {s.conditions}")
+            check_step_counts(f"{self.name}.{key}", getattr(s, key))
+        check_conditions(f"{self.name}.conditions", s.conditions)
         if len(set(s.networks)) != len(s.networks) or not s.networks:
             raise ConfigError(f"{self.name}.networks: distinct names from {', '.join(NETWORKS)}, got {s.networks}")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pipeline.core import rng
 from pipeline.core.config import ConfigError, _f
 from pipeline.core.probe import Probe
-from pipeline.core.study import StudySection, Figure, Grid, Method, Study, Table, Unit
+from pipeline.core.study import StudySection, Figure, Grid, Method, Study, Table, Unit, check_step_counts
 from pipeline.families.gmm import FAMILY
 from pipeline.families.gmm.config import check_sample_size
 
@@ -54,6 +54,9 @@ class TGMMStudy(Study):
     def check(self, cfg):
         s = self.section(cfg)
         check_sample_size(s.n, self.task(cfg).ks, "tgmm.n")
+        check_step_counts("tgmm.probe_em_steps", s.probe_em_steps)
+        if s.probe_em_steps[0] < 1:
+            raise ConfigError(f"tgmm.probe_em_steps: EM iteration counts start at 1, got {s.probe_em_steps}")
         bad = [K for K in s.probe_ks if K not in self.task(cfg).ks]
         if bad:
             raise ConfigError(f"tgmm.probe_ks: {bad} not among the trained K values {self.task(cfg).ks}")
