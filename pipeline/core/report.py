@@ -173,7 +173,8 @@ def figure(index: Index, spec, metric, path: Path) -> Path:
     if spec.panels and spec.where and spec.panels in spec.where:
         panels = [spec.where[spec.panels]]
     methods = index.methods(grid)
-    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    cmap, n_colors = ("tab10", 10) if len(methods) <= 10 else ("tab20", 20)  # no two lines share a colour
+    colors = {m: plt.get_cmap(cmap)(i % n_colors) for i, m in enumerate(methods)}
     ncols = min(len(panels), 4)
     nrows = math.ceil(len(panels) / ncols)
     legend_cols = min(len(methods), 4)
