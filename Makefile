@@ -14,7 +14,7 @@ export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/tmp/site-cache
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run plan test test-slow test-all paper full-cpu bench validate clean
+.PHONY: install debian-datasets run plan test test-slow test-all paper full-cpu bench validate clean
 
 install: $(VENV)/.installed
 
@@ -23,8 +23,19 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,real-data]"
+	@$(MAKE) --no-print-directory debian-datasets
 	touch $@
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist; installed where apt and root (or sudo)
+# exist, else the pca study skips it and says so (python -m pipeline datasets prints the remedy).
+debian-datasets:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || echo "note: apt-get install dataset-fashion-mnist failed; Fashion-MNIST will be skipped"; \
+	elif command -v apt-get >/dev/null && sudo -n true 2>/dev/null; then \
+	  sudo -n apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || echo "note: apt-get install dataset-fashion-mnist failed; Fashion-MNIST will be skipped"; \
+	else echo "note: no apt (or no root): Fashion-MNIST will be skipped (Debian/Ubuntu: apt-get install dataset-fashion-mnist)"; fi
 
 run: install
 	$(BIN)/dvc repro
@@ -56,4 +67,4 @@ validate: install
 	$(BIN)/python -m pipeline validate
 
 clean:
-	rm -rf outputs dvc_plots data/tgmm data/robustness data/ablation data/linreg
+	rm -rf outputs dvc_plots data/tgmm data/robustness data/ablation data/linreg data/second_order data/logreg data/pca data/datasets

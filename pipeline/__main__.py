@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="train a run until its validation metric reaches --target; print the wall time")
     b.add_argument("--target", type=float, default=None, help="--time-to-quality: the monitor's target value")
     b.add_argument("--run", default=None, help="--compare / --time-to-quality: run id (default: the study's first network)")
+    ds = sub.add_parser("datasets", help="materialise the real image datasets (digits, mnist5k, fashion_mnist)")
+    ds.add_argument("--root", default="data/datasets", help="output folder (default: data/datasets)")
     pr = sub.add_parser("profile", help="print a profile as dvc exp run -S arguments")
     pr.add_argument("name")
     for name, (module, help_text) in EXTENSIONS.items():
@@ -194,6 +196,11 @@ def _run(args, cfg, studies: list[str]) -> int:
         from pipeline.core.report import write_summary
 
         print(write_summary(cfg, [S.get(n) for n in studies], Path(cfg.out_dir) / "report.md"))
+    elif args.command == "datasets":
+        from pipeline.datasets import materialise, summary_line
+
+        for name, entry in materialise(Path(args.root)).items():
+            print(summary_line(name, entry))
     elif args.command == "bench":
         from pipeline import bench
 

@@ -17,7 +17,8 @@ TINY_PARAMS: dict = {
     "studies": ["tgmm", "linreg"],
     "task": {"gmm": {"d": 2, "ks": [2, 3], "n0": 16, "k_embd": 4},
              "linreg": {"d": 3, "n_points": 7, "curriculum_every": 2, "dims_start": 2, "points_start": 3},
-             "logreg": {"d": 3, "n_points": 8, "test_points": 8, "target_steps": 10}},
+             "logreg": {"d": 3, "n_points": 8, "test_points": 8, "target_steps": 10},
+             "pca": {"d": 4, "n_points": 8, "k": 2}},
     "model": {"n_layer": 1, "n_head": 2, "n_embd": 16},
     "train": dict(_TRAIN),
     "tgmm": {"dims": [2], "n_tasks": 8, "n": 16, "probe_tasks": 32, "probe_fit_steps": 5, "probe_em_steps": [1, 2]},
@@ -27,6 +28,8 @@ TINY_PARAMS: dict = {
     "logreg": {"n_tasks": 16, "probe_tasks": 32, "probe_newton": [0, 1, 2], "probe_gd": [0, 1, 2]},
     "second_order": {"n_tasks": 16, "other_train": {"steps": 4}, "probe_tasks": 32, "probe_newton": [0, 1, 2],
                      "probe_gd": [1, 2, 4], "probe_online": [0, 1]},
+    "pca": {"n_tasks": 8, "gaps": [2.0], "probe_tasks": 32, "probe_fit_steps": 5, "probe_power": [0, 1, 2], "power_steps": [1, 2],
+            "block_steps": [1], "datasets": ["digits"]},
     "wandb": {"mode": "disabled"},
 }
 

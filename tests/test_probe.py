@@ -76,6 +76,8 @@ def test_probing_exact_algorithm_layers_finds_the_diagonal(kind, steps):
     res = probe.run_probe(FAMILY, LinRegTask(), ModelConfig(), None, _algorithm_network(steps, kind), fit, held,
                           {kind: steps}, PARAMS)
     assert res.best_steps(kind) == steps
+    matched = res.error_matched_steps(kind)  # each layer is as accurate as its step (GD 128 and 512 are
+    assert matched[:-1] == steps[:-1] and matched[-1] in steps[-2:]  # both converged below the probe's noise)
     sim = res.similarity(kind)
     assert np.diagonal(sim).min() > 0.95, sim  # the probe may rescale a layer (GD step 8 reads as 0.97)
     rows = probe.result_rows(probe.Probe("p", "net", "main", {}, {kind: steps}), "run-x", res)

@@ -163,7 +163,7 @@ def test_default_ablation_widths_match_parameter_counts():
     """At the default params each variant's parameter count is within 5 % of the base network's."""
     from pipeline.core.network import count_parameters
 
-    for profile, base_run in ((None, "robustness-n0_64"), ("full-cpu", "tgmm-d2")):
+    for profile, base_run in ((None, "robustness-n0_32"), ("full-cpu", "tgmm-d2")):
         cfg = load(REPO / "params.yaml", profile=profile)
         plan = P.resolve(cfg)
         counts = {u: count_parameters(plan.runs[r]) for u, r in plan.studies["ablation"].networks.items()}
@@ -173,5 +173,6 @@ def test_default_ablation_widths_match_parameter_counts():
                 assert abs(c - base) / base < 0.05, (profile, u, c, base)
         # the base variant is whichever run has its identity: no copy, no second training
         assert plan.studies["ablation"].networks["transformer"] == base_run
-        assert plan.studies["robustness"].networks["n0_128"] == "tgmm-d2"
+        # and one d = 2 network serves tgmm and robustness at the tgmm training N0 (64; full-cpu 128)
+        assert plan.studies["robustness"].networks[f"n0_{cfg.task['gmm'].n0}"] == "tgmm-d2"
     assert {"lstm", "relu_attention", "linear_attention"} <= set(plan.studies["ablation"].networks)

@@ -53,20 +53,37 @@ def resolve_device(name: str) -> torch.device:
 
 def generate(cfg: Config, study, root: Path | None = None) -> list[Path]:
     """Write every grid point's evaluation set; files of points no longer declared are removed."""
+    from pipeline.core.study import SkipPoint
+
     root = root or P.data_dir(study.name)
-    paths = []
+    paths, skipped = [], {}
     for grid in study.grids(cfg):
         for point in grid.points:
-            batch = grid.make_set(cfg, point)
+            try:
+                batch = grid.make_set(cfg, point)
+            except SkipPoint as e:
+                skipped[f"{grid.name}/{point_key(point)}"] = str(e)
+                print(f"[{study.name}] {grid.name} {point_key(point)}: skipped: {e}")
+                continue
             paths.append(save_arrays(set_path(study.name, grid.name, point, root), batch.to_numpy(),
                                      _set_meta(cfg, study, grid, point)))
     keep = set(paths)
     for old in root.rglob("*.npz"):
         if old not in keep:
             old.unlink()
+    root.mkdir(parents=True, exist_ok=True)
     (root / "manifest.json").write_text(json.dumps({"study": study.name, "files": [
-        str(p.relative_to(root)) for p in paths]}, indent=2) + "\n")
+        str(p.relative_to(root)) for p in paths], "skipped": skipped}, indent=2) + "\n")
     return paths
+
+
+def skipped_points(study, root: Path | None = None) -> dict[str, str]:
+    """{"<grid>/<point key>": reason} of the points `generate` skipped (SkipPoint)."""
+    path = (root or P.data_dir(study.name)) / "manifest.json"
+    try:
+        return dict(json.loads(path.read_text()).get("skipped", {}))
+    except (OSError, ValueError):
+        return {}
 
 
 def load_set(cfg: Config, study, grid, point: dict, root: Path | None = None):
@@ -130,7 +147,7 @@ def rows_for(grid: str, point: dict, method, network: str | None, metrics: dict,
             rows.append({**base, "point": dict(point), **summarize(v)})
         else:
             for i in range(v.shape[1]):
-                rows.append({**base, "point": {**point, m.axis: i}, **summarize(v[:, i])})
+                rows.append({**base, "point": {**point, m.axis: i + m.axis_start}, **summarize(v[:, i])})
     return rows
 
 
@@ -157,9 +174,11 @@ def evaluate(cfg: Config, study, root: Path | None = None, track: bool = True, p
     fam = F.get(study.family)
     grids = study.grids(cfg)
     sets = {(g.name, P_key): None for g in grids for P_key in map(point_key, g.points)}
+    skipped = skipped_points(study, root)
     for g in grids:  # every set and network is checked before any compute
         for point in g.points:
-            sets[(g.name, point_key(point))] = load_set(cfg, study, g, point, root)
+            if f"{g.name}/{point_key(point)}" not in skipped:
+                sets[(g.name, point_key(point))] = load_set(cfg, study, g, point, root)
     device = resolve_device(cfg.eval.device)
     nets = _Networks(cfg, study, device)
     solver_params = study.solver_params(cfg)
@@ -169,10 +188,16 @@ def evaluate(cfg: Config, study, root: Path | None = None, track: bool = True, p
     with tqdm(total=total, desc=f"evaluate {study.name}", unit="cell", disable=not progress) as bar:
         for gi, g in enumerate(grids):
             for pi, point in enumerate(g.points):
-                batch = sets[(g.name, point_key(point))].to(device)
+                skip = skipped.get(f"{g.name}/{point_key(point)}")
+                batch = None if skip else sets[(g.name, point_key(point))].to(device)
                 task = study.point_task(cfg, g, point)
                 for method in g.methods(cfg, point):
                     bar.set_postfix_str(f"{g.name} {point_key(point)} {method.name}")
+                    if skip:
+                        rows += rows_for(g.name, point, method, nets.run_of.get(method.unit), fam.metrics, {}, 0.0,
+                                         False, f"skipped: {skip}")
+                        bar.update(1)
+                        continue
                     if method.unit is not None:
                         solver, network = nets.solvers[method.unit], nets.run_of[method.unit]
                     else:

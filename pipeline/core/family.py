@@ -39,6 +39,7 @@ FAMILY_MODULES = {
     "gmm": "pipeline.families.gmm",
     "linreg": "pipeline.families.linreg",
     "logreg": "pipeline.families.logreg",
+    "pca": "pipeline.families.pca",
 }
 
 
@@ -67,6 +68,7 @@ class Metric:
     definition: str  # one sentence, copied into the report
     fn: Callable[[Any, Any], Tensor]
     axis: str | None = None  # name of the per-task axis of a (B, P) metric
+    axis_start: int = 0  # the axis value of column 0 (e.g. 1: components are numbered from 1)
     log_scale: bool = False  # figures: log y axis
 
 

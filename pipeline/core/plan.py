@@ -94,6 +94,8 @@ def _resolve(cfg: Config, studies: list[str] | None) -> Plan:
 STAGE_KINDS = ("train", "generate", "evaluate", "report")
 PLAN_STAGE_S = 5.0  # the plan stage itself (resolving every study, writing plans/)
 SUMMARY_STAGE_S = 4.0  # the top-level report (reads every study's results)
+# Input stages a study may name (Study.inputs): stage -> (command, code, output, expected s).
+INPUT_STAGES = {"datasets": ("python -m pipeline datasets", "pipeline/datasets", "data/datasets", 3.0)}
 
 
 def _check_expected(cfg: Config, study: str, units: list[str]) -> None:
@@ -126,6 +128,8 @@ def expected_times(cfg: Config, plan: Plan) -> dict[str, float | None]:
         for kind in STAGE_KINDS[1:]:
             out[f"{kind}-{name}"] = None if exp.get(kind) is None else float(exp[kind])
     out["summary"] = SUMMARY_STAGE_S
+    for stage in _inputs(plan):
+        out[stage] = INPUT_STAGES[stage][3]
     for name, sec in cfg.sweeps.items():
         out[f"sweep-{name}"] = float(sec)
     return out
@@ -271,6 +275,13 @@ HEADER = """\
 """
 
 
+def _inputs(plan: Plan) -> list[str]:
+    """The input stages (INPUT_STAGES) the planned studies read, in first-use order."""
+    from pipeline import studies as S
+
+    return list(dict.fromkeys(i for name in plan.studies for i in S.get(name).inputs))
+
+
 def dvc_stages(cfg: Config, plan: Plan, sweeps_root: Path = Path("sweeps")) -> dict:
     from pipeline import studies as S
 
@@ -283,6 +294,9 @@ def dvc_stages(cfg: Config, plan: Plan, sweeps_root: Path = Path("sweeps")) -> d
             "outs": [{"plans": {"cache": False}}],
         }
     }
+    for stage in _inputs(plan):
+        cmd, code, output, _ = INPUT_STAGES[stage]
+        stages[stage] = {"cmd": cmd, "deps": [code, "pipeline/core/arrays.py"], "outs": [output]}
     for rid in plan.runs:
         d = f"{out}/runs/{rid}"
         stages[f"train-{rid}"] = {
@@ -299,7 +313,7 @@ def dvc_stages(cfg: Config, plan: Plan, sweeps_root: Path = Path("sweeps")) -> d
         stages[f"generate-{name}"] = {
             "cmd": f"python -m pipeline --study {name} generate",
             "deps": [f"plans/data/{name}.json", "pipeline/core/rng.py", "pipeline/core/arrays.py", fam,
-                     f"pipeline/studies/{name}.py"],
+                     f"pipeline/studies/{name}.py", *(INPUT_STAGES[i][2] for i in st.inputs)],
             "outs": [f"data/{name}"],
         }
         models = sorted({f"{out}/runs/{r}/model.safetensors" for r in sp.networks.values()})

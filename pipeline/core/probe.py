@@ -83,6 +83,15 @@ class ProbeResult:
         """The best-matching step of every layer (argmax of the mean cosine)."""
         return [self.steps[algorithm][int(i)] for i in np.argmax(self.similarity(algorithm), axis=1)]
 
+    def error_matched_steps(self, algorithm: str) -> list[int]:
+        """Per layer, the step whose mean squared residual is closest (in log) to the layer's own: how
+        many steps' worth of accuracy the layer reaches. The residual cosine cannot tell this for an
+        algorithm with a random start (the power method): its errors point along directions set by
+        the start, which the network never saw, so they are nearly orthogonal to any network's."""
+        le = np.log(np.maximum(self.layer_error.mean(-1), 1e-300))  # (L + 1,)
+        se = np.log(np.maximum(self.step_error[algorithm].mean(-1), 1e-300))  # (S,)
+        return [self.steps[algorithm][int(i)] for i in np.abs(le[:, None] - se[None, :]).argmin(1)]
+
 
 def check(study, cfg, units: list[str]) -> None:
     """A study's probes against its units, grids and family (a one-line ConfigError naming the probe)."""
@@ -137,7 +146,9 @@ def run_study_probes(cfg, study, sets: dict, nets, device, params: dict, progres
                         "layers": int(res.layer_error.shape[0]), "seconds": res.seconds,
                         "algorithms": {a: {"steps": list(s), "label": fam.probe_targets[a].label,
                                            "log_steps": fam.probe_targets[a].log_steps,
-                                           "best_steps": res.best_steps(a)} for a, s in p.algorithms.items()}}
+                                           "best_steps": res.best_steps(a),
+                                           "error_matched_steps": res.error_matched_steps(a)}
+                                       for a, s in p.algorithms.items()}}
         if progress:
             best = "; ".join(f"{a} {res.best_steps(a)}" for a in p.algorithms)
             print(f"[probe {p.name}] {nets.run_of[p.unit]}: best-matching step per layer: {best} ({res.seconds:.1f} s)")
@@ -266,6 +277,8 @@ def result_rows(probe: Probe, network: str | None, res: ProbeResult) -> list[dic
                          **summarize(np.array([float(steps[j])]))})
             rows.append({**base, "point": {"layer": layer}, "method": name, "metric": "best_cosine",
                          **summarize(cos[layer, j])})
+            rows.append({**base, "point": {"layer": layer}, "method": name, "metric": "matched_step",
+                         **summarize(np.array([float(res.error_matched_steps(name)[layer])]))})
         rows += [{**base, "point": {"step": k}, "method": name, "metric": "error", **summarize(res.step_error[name][j])}
                  for j, k in enumerate(steps)]
     return rows

@@ -341,18 +341,21 @@ def probe_best_steps_figure(results: dict, path: Path, csv_path: Path) -> Path:
 
 
 def probe_table(results: dict, name: str) -> str:
-    """Markdown: per layer, the probe's error and each algorithm's best step (its mean cosine)."""
+    """Markdown: per layer, the probe's error, each algorithm's best step (its mean cosine) and the
+    step of equal error."""
     p = results["meta"]["probes"][name]
     rows = _probe_rows(results, name)
     algs = list(p["algorithms"])
     md = [f"**{p['title'] or name}** (network `{p['network']}`, read-out {p['fit']} on {p['n_fit']} fresh prompts, "
           f"{p['n_held_out']} held-out)", "",
-          "| layer | probe error | " + " | ".join(f"{a}: best step (cosine)" for a in algs) + " |",
-          "|---:|---:|" + "---:|" * len(algs)]
+          "| layer | probe error | " + " | ".join(f"{a}: best step (cosine) | {a}: step of equal error"
+                                               for a in algs) + " |",
+          "|---:|---:|" + "---:|---:|" * len(algs)]
     for layer in range(p["layers"]):
         err = rows[("error", "probe", layer, None)]
         cells = [f"{fmt(num(rows[('best_step', a, layer, None)]['mean']))} "
-                 f"({num(rows[('best_cosine', a, layer, None)]['mean']):.3f})" for a in algs]
+                 f"({num(rows[('best_cosine', a, layer, None)]['mean']):.3f}) | "
+                 + fmt(num(rows.get(("matched_step", a, layer, None), {}).get("mean", math.nan))) for a in algs]
         md.append(f"| {layer} | {fmt(num(err['mean']))} | " + " | ".join(cells) + " |")
     return "\n".join(md) + "\n"
 

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 from torch import Tensor
 
 ROW_KEYS = ("grid", "point", "method", "network", "metric", "mean", "ci95", "median", "std", "n", "seconds",
@@ -47,6 +46,8 @@ def summarize(values: ArrayLike) -> dict:
     if n == 1:
         return {"mean": mean, "std": nan, "ci95": nan, "median": mean, "n": 1}
     std = float(v.std(ddof=1))
+    from scipy import stats  # here, not at import: scipy.stats costs 0.7 s in every stage's start-up
+
     ci95 = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
     return {"mean": mean, "std": std, "ci95": ci95, "median": float(np.median(v)), "n": n}
 

