@@ -67,4 +67,4 @@ validate: install
 	$(BIN)/python -m pipeline validate
 
 clean:
-	rm -rf outputs dvc_plots data/tgmm data/robustness data/ablation data/linreg data/second_order data/logreg data/pca data/datasets
+	rm -rf outputs dvc_plots data/tgmm data/robustness data/ablation data/linreg data/second_order data/logreg data/pca data/datasets data/clustering data/mixreg

@@ -18,7 +18,9 @@ TINY_PARAMS: dict = {
     "task": {"gmm": {"d": 2, "ks": [2, 3], "n0": 16, "k_embd": 4},
              "linreg": {"d": 3, "n_points": 7, "curriculum_every": 2, "dims_start": 2, "points_start": 3},
              "logreg": {"d": 3, "n_points": 8, "test_points": 8, "target_steps": 10},
-             "pca": {"d": 4, "n_points": 8, "k": 2}},
+             "pca": {"d": 4, "n_points": 8, "k": 2},
+             "cluster": {"d": 2, "ks": [2, 3], "n_points": 12, "k_embd": 4},
+             "mixreg": {"d": 3, "n_points": 8}},
     "model": {"n_layer": 1, "n_head": 2, "n_embd": 16},
     "train": dict(_TRAIN),
     "tgmm": {"dims": [2], "n_tasks": 8, "n": 16, "probe_tasks": 32, "probe_fit_steps": 5, "probe_em_steps": [1, 2]},
@@ -30,6 +32,10 @@ TINY_PARAMS: dict = {
                      "probe_gd": [1, 2, 4], "probe_online": [0, 1]},
     "pca": {"n_tasks": 8, "gaps": [2.0], "probe_tasks": 32, "probe_fit_steps": 5, "probe_power": [0, 1, 2], "power_steps": [1, 2],
             "block_steps": [1], "datasets": ["digits"]},
+    "clustering": {"n_tasks": 8, "separations": [4.0], "probe_tasks": 32, "probe_fit_steps": 5, "probe_em_steps": [1, 2],
+                   "model": {"n_layer": 1, "n_head": 2, "n_embd": 16}},
+    "mixreg": {"n_tasks": 8, "snrs": [2.0], "n_points": [4, 8], "probe_tasks": 32, "probe_fit_steps": 5,
+               "probe_em": [0, 1]},
     "wandb": {"mode": "disabled"},
 }
 

@@ -34,7 +34,8 @@ def test_dvc_repro_tiny_project(tmp_path):
     (proj / "sweeps").mkdir()  # the sweep stages (Ray Tune) have tests of their own
     shutil.copy(REPO / ".gitignore", proj)
     params = copy.deepcopy(TINY_PARAMS)
-    params.update(studies=["tgmm", "robustness", "ablation", "linreg", "second_order", "pca"], out_dir="outputs")
+    params.update(studies=["tgmm", "robustness", "ablation", "linreg", "second_order", "pca", "clustering"],
+                  out_dir="outputs")
     params["wandb"]["mode"] = "offline"
     # every key that `dvc exp run -S` may set must exist in the file
     params["linreg"]["train"] = {"steps": 4, "lr": 0.001}

@@ -81,8 +81,8 @@ MALFORMED = [
     ("unknown-top-key", _mutate(sweeps=3), "sweeps", "unknown key"),
     ("typo-top-key-suggests", _mutate(metrc="val/l2"), "metrc", "did you mean metric"),
     ("old-d-key", _mutate(d=2), "d", "unknown key (allowed: name, description, study, unit"),
-    ("no-study", _mutate(study=_DROP), "study", "None: a sweep names its study (choose one of: tgmm, robustness, "
-     "ablation, linreg, second_order, logreg, pca)"),
+    ("no-study", _mutate(study=_DROP), "study", "None: a sweep names its study (choose one of: "
+     + ", ".join(__import__("pipeline.studies", fromlist=["names"]).names()) + ")"),
     ("unknown-study", _mutate(study="tgm"), "study", "'tgm': a sweep names its study"),
     ("unknown-unit", _mutate(unit="d3"), "unit", "'d3' is not a network of study tgmm (choose one of: d2, d8)"),
     ("unit-of-another-study", _mutate(unit="n0_32"), "unit", "'n0_32' is not a network of study tgmm"),

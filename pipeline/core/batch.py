@@ -62,3 +62,15 @@ class TaskBatch:
             raise ValueError(f"{where}: inconsistent {cls.KIND} arrays ("
                              + ", ".join(f"{k} {a[k].shape}" for k in cls.REQUIRED) + ")")
         return cls(**{k: torch.from_numpy(a[k]) for k in cls.REQUIRED})
+
+
+class PromptBatch(TaskBatch):
+    """A TaskBatch whose first array is `xs` (B, n, d): n points or examples per task in d dimensions."""
+
+    @property
+    def n(self) -> int:
+        return self.xs.shape[1]
+
+    @property
+    def d(self) -> int:
+        return self.xs.shape[2]

@@ -40,6 +40,8 @@ FAMILY_MODULES = {
     "linreg": "pipeline.families.linreg",
     "logreg": "pipeline.families.logreg",
     "pca": "pipeline.families.pca",
+    "cluster": "pipeline.families.cluster",
+    "mixreg": "pipeline.families.mixreg",
 }
 
 
@@ -100,6 +102,7 @@ class TaskFamily:
     metrics: Mapping[str, Metric] = {}
     solvers: Mapping[str, SolverSpec] = {}
     probe_targets: Mapping[str, Callable] = {}
+    uses: tuple[str, ...] = ()  # other families whose code this one imports (their code is in its fingerprint)
 
     # ------------------------------------------------------------------ parameters
     def validate(self, task, model, where: str) -> None:
@@ -180,8 +183,19 @@ def get(name: str) -> TaskFamily:
     return _CACHE[name]
 
 
+def family_names_with_uses(name: str) -> list[str]:
+    """The family and every family it `uses`, transitively, in first-use order."""
+    out, todo = [], [name]
+    while todo:
+        n = todo.pop(0)
+        if n not in out:
+            out.append(n)
+            todo += list(get(n).uses)
+    return out
+
+
 def module_dir(name: str):
-    """The folder of a family's code (what its networks' fingerprints hash)."""
+    """The folder of a family's code (what its networks' fingerprints hash, with its `uses`)."""
     from pathlib import Path
 
     mod = importlib.import_module(FAMILY_MODULES[name])

@@ -22,7 +22,8 @@ def code_files(family: str) -> list[Path]:
 
     files = [PACKAGE / f for f in SPINE]
     files += sorted((PACKAGE / "models").rglob("*.py"))
-    files += sorted(F.module_dir(family).rglob("*.py"))
+    for name in F.family_names_with_uses(family):  # its own folder and the families it imports
+        files += sorted(F.module_dir(name).rglob("*.py"))
     return files
 
 

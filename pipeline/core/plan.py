@@ -308,11 +308,13 @@ def dvc_stages(cfg: Config, plan: Plan, sweeps_root: Path = Path("sweeps")) -> d
         }
     for name, sp in plan.studies.items():
         st = S.get(name)
-        fam = f"pipeline/families/{st.family}"
+        from pipeline.core import family as F
+
+        fams = [f"pipeline/families/{f}" for f in F.family_names_with_uses(st.family)]
         sdir = f"{out}/{name}"
         stages[f"generate-{name}"] = {
             "cmd": f"python -m pipeline --study {name} generate",
-            "deps": [f"plans/data/{name}.json", "pipeline/core/rng.py", "pipeline/core/arrays.py", fam,
+            "deps": [f"plans/data/{name}.json", "pipeline/core/rng.py", "pipeline/core/arrays.py", *fams,
                      f"pipeline/studies/{name}.py", *(INPUT_STAGES[i][2] for i in st.inputs)],
             "outs": [f"data/{name}"],
         }
@@ -320,7 +322,7 @@ def dvc_stages(cfg: Config, plan: Plan, sweeps_root: Path = Path("sweeps")) -> d
         stages[f"evaluate-{name}"] = {
             "cmd": f"python -m pipeline --study {name} evaluate",
             "deps": [f"data/{name}", f"plans/studies/{name}.json", *models, "pipeline/core/evaluate.py",
-                     "pipeline/core/network.py", "pipeline/core/results.py", "pipeline/core/probe.py", "pipeline/algorithms", fam,
+                     "pipeline/core/network.py", "pipeline/core/results.py", "pipeline/core/probe.py", "pipeline/algorithms", *fams,
                      f"pipeline/studies/{name}.py"],
             "outs": [{f"{sdir}/results.json": {"cache": False}}],
         }

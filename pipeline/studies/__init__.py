@@ -14,6 +14,8 @@ STUDY_MODULES = {
     "second_order": "pipeline.studies.second_order",
     "logreg": "pipeline.studies.logreg",
     "pca": "pipeline.studies.pca",
+    "clustering": "pipeline.studies.clustering",
+    "mixreg": "pipeline.studies.mixreg",
 }
 
 _CACHE: dict = {}

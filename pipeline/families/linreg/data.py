@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pipeline.core.batch import TaskBatch
+from pipeline.core.batch import PromptBatch
 
 
 @dataclass
-class LinRegBatch(TaskBatch):
+class LinRegBatch(PromptBatch):
     """B prompts of n examples in d dimensions. `index` (B,): each task's row in its set."""
 
     xs: Tensor  # (B, n, d)
@@ -26,14 +26,6 @@ class LinRegBatch(TaskBatch):
 
     REQUIRED = ("xs", "ys", "w")
     KIND = "regression"
-
-    @property
-    def n(self) -> int:
-        return self.xs.shape[1]
-
-    @property
-    def d(self) -> int:
-        return self.xs.shape[2]
 
     @classmethod
     def check_shapes(cls, a) -> bool:

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pipeline.core.batch import TaskBatch
+from pipeline.core.batch import PromptBatch
 
 
 @dataclass
-class LogRegBatch(TaskBatch):
+class LogRegBatch(PromptBatch):
     """B prompts of n labelled examples in d dimensions. `index` (B,): each task's row in its set."""
 
     xs: Tensor  # (B, n, d)
@@ -30,14 +30,6 @@ class LogRegBatch(TaskBatch):
 
     REQUIRED = ("xs", "ys", "w_star", "w_target", "xt", "yt", "mu")
     KIND = "logistic-regression"
-
-    @property
-    def n(self) -> int:
-        return self.xs.shape[1]
-
-    @property
-    def d(self) -> int:
-        return self.xs.shape[2]
 
     @property
     def mu_value(self) -> float:

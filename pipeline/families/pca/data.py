@@ -16,11 +16,11 @@ import torch
 from torch import Tensor
 
 from pipeline.core.arrays import DataError
-from pipeline.core.batch import TaskBatch
+from pipeline.core.batch import PromptBatch
 
 
 @dataclass
-class PCABatch(TaskBatch):
+class PCABatch(PromptBatch):
     """B sample matrices of n points in d dimensions with their top-k sample eigenpairs."""
 
     xs: Tensor  # (B, n, d)
@@ -30,14 +30,6 @@ class PCABatch(TaskBatch):
 
     REQUIRED = ("xs", "vecs", "vals")
     KIND = "PCA"
-
-    @property
-    def n(self) -> int:
-        return self.xs.shape[1]
-
-    @property
-    def d(self) -> int:
-        return self.xs.shape[2]
 
     @property
     def k(self) -> int:

@@ -41,11 +41,8 @@ class ReadIn(nn.Module):
         return self.proj(feats)
 
 
-class ReadOut(nn.Module):
-    def __init__(self, n_embd: int, d: int, k: int):
-        super().__init__()
-        self.k = k
-        self.head = nn.Linear(n_embd, d + 1)
+def ReadOut(n_embd: int, d: int, k: int):  # noqa: N802 (a module factory)
+    """Linear(width -> d + 1) at each of the k read-out tokens: (B, k, d + 1) direction, eigenvalue / s^2."""
+    from pipeline.models.heads import LastTokensHead
 
-    def forward(self, h: Tensor, mask: Tensor, batch=None) -> Tensor:
-        return self.head(h[:, -self.k:])  # (B, k, d + 1): direction, eigenvalue / s^2
+    return LastTokensHead(n_embd, d + 1, k, squeeze=False)
