@@ -362,7 +362,8 @@ def probe_table(results: dict, name: str) -> str:
 
 def alignment_table(all_results: dict) -> str:
     """The cross-study answer to "which algorithm is it": for every probe of every study, per layer,
-    the algorithm (and step) whose residuals its probe matches best, and the mean cosine."""
+    the algorithm (and step) whose residuals its probe matches best, the mean cosine, and that
+    algorithm's step of equal error."""
     lines, L = [], 0
     for study, res in all_results.items():
         for name, p in (res["meta"].get("probes") or {}).items():
@@ -372,7 +373,8 @@ def alignment_table(all_results: dict) -> str:
                 cands = [(num(rows[("best_cosine", a, layer, None)]["mean"]), a,
                           num(rows[("best_step", a, layer, None)]["mean"])) for a in p["algorithms"]]
                 cos, a, k = max(cands, key=lambda c: -math.inf if math.isnan(c[0]) else c[0])
-                cells.append(f"{a} {fmt(k)} ({cos:.3f})")
+                eq = rows.get(("matched_step", a, layer, None), {}).get("mean")
+                cells.append(f"{a} {fmt(k)} ({cos:.3f})" + ("" if eq is None else f"; = error {fmt(num(eq))}"))
             L = max(L, len(cells))
             lines.append((study, p["title"] or name, p["network"], cells))
     if not lines:
@@ -400,7 +402,10 @@ def write_summary(cfg, studies: list, out_path: Path) -> Path:
     md += ["", "## Which algorithm does each layer run?", "",
            "Per probed network and layer: the algorithm and step whose residuals (prediction - target over the "
            "prompt) the layer's refitted read-out matches best, with the mean residual cosine over held-out "
-           "tasks (1 = the same errors). Steps are iterations (Newton, GD, EM) or passes (online GD).", "",
+           "tasks (1 = the same errors), and \"= error k\": the step of that algorithm whose error equals the "
+           "layer's (how many steps' worth of accuracy it reaches; the informative number for random-start "
+           "algorithms such as the power method, whose residuals no network can share). Steps are iterations "
+           "(Newton, GD, EM, power) or passes (online GD).", "",
            alignment_table(all_results)]
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
