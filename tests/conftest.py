@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,20 @@ TINY_PARAMS: dict = {
                "probe_em": [0, 1]},
     "wandb": {"mode": "disabled"},
 }
+
+
+# The pca study's real-data points read the datasets stage's output; tests use digits (sklearn's,
+# always installed), materialised once per session into a temporary folder.
+_DATASETS_ROOT = Path(tempfile.mkdtemp(prefix="pipeline-test-datasets-"))
+TINY_PARAMS["pca"]["datasets_root"] = str(_DATASETS_ROOT)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _materialised_datasets():
+    from pipeline.datasets import materialise
+
+    materialise(_DATASETS_ROOT, names=["digits"], log=None)
+    yield _DATASETS_ROOT
 
 
 def pytest_configure(config):

@@ -37,6 +37,7 @@ def test_dvc_repro_tiny_project(tmp_path):
     params.update(studies=["tgmm", "robustness", "ablation", "linreg", "second_order", "pca", "clustering"],
                   out_dir="outputs")
     params["wandb"]["mode"] = "offline"
+    params["pca"]["datasets_root"] = "data/datasets"  # what the project's own datasets stage writes
     # every key that `dvc exp run -S` may set must exist in the file
     params["linreg"]["train"] = {"steps": 4, "lr": 0.001}
     params["second_order"].update(networks=["transformer", "lstm"], train={"steps": 3})  # not linreg-main
