@@ -152,7 +152,7 @@ def _run(args, cfg, studies: list[str]) -> int:
               + ("; dvc.yaml rewritten" if changed else "; dvc.yaml up to date"))
         print(P.budget_table(cfg, plan)[0])
     elif args.command == "train":
-        from pipeline.core.train import train
+        from pipeline.core import workers as W
 
         plan = P.resolve_all(cfg, studies)
         if args.run:
@@ -165,7 +165,23 @@ def _run(args, cfg, studies: list[str]) -> int:
         else:
             used = {r for s in studies for r in plan.studies[s].networks.values()}
             runs = {rid: run for rid, run in plan.runs.items() if rid in used}
+        todo = {}
         for rid, run in runs.items():
+            if not args.no_resume and W.is_trained(run, P.run_dir(cfg, rid)):
+                print(f"[train {rid}] up to date (its fingerprint): {P.run_dir(cfg, rid) / 'model.safetensors'}")
+            else:
+                todo[rid] = run
+        cuda = any(run.train.accelerator in ("gpu", "cuda") for run in todo.values()) or (
+            cfg.train.accelerator == "auto" and _cuda_available())
+        workers, threads = W.resolve(cfg.train.workers, len(todo), cuda=cuda)
+        if workers > 1:
+            expected = P.expected_network_times(cfg, plan)
+            jobs = [W.Job(rid, W.child_argv(args, rid), P.run_dir(cfg, rid) / "train.log", expected.get(rid) or 0.0)
+                    for rid in todo]
+            return W.run_parallel(jobs, workers, threads)
+        from pipeline.core.train import train
+
+        for rid, run in todo.items():
             res = train(run, P.run_dir(cfg, rid), track=not args.no_track, resume=not args.no_resume, tracking_cfg=cfg)
             if res.model_path.is_file():
                 mon = run and res.net.family.monitor
@@ -223,6 +239,12 @@ def _run(args, cfg, studies: list[str]) -> int:
         else:
             bench.run(cfg, studies, steps=args.steps, device=args.device, baselines=not args.skip_baselines)
     return 0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _yaml_value(v) -> str:

@@ -108,7 +108,7 @@ def test_committed_plan_and_dvc_yaml_are_up_to_date():
 def test_dvc_yaml_has_no_hand_kept_params_lists():
     text = (REPO / "dvc.yaml").read_text()
     assert text.count("params.yaml:") == 1  # only the plan stage reads params; every other stage reads its plan file
-    assert "train-linreg-main" in text and "evaluate-linreg" in text
+    assert "python -m pipeline train" in text and "plans/runs/linreg-main.json" in text and "evaluate-linreg" in text
 
 
 def test_default_pipeline_declares_every_stage_and_fits_its_budget():
@@ -130,12 +130,30 @@ def test_expected_times_count_a_shared_network_once_and_flag_overruns():
     cfg = _cfg(**{"tgmm.expected_s": {"train": 100, "evaluate": 10}, "robustness.expected_s": {"train": 50},
                   "budget_minutes": 1})
     plan = P.resolve(cfg)
+    nets = P.expected_network_times(cfg, plan)
+    assert nets["tgmm-d2"] == 100  # robustness' n0_16 is the same network: tgmm's figure, once
+    assert nets["robustness-n0_8"] == 50
     times = P.expected_times(cfg, plan)
-    assert times["train-tgmm-d2"] == 100  # robustness' n0_16 is the same network: tgmm's figure, once
-    assert times["train-robustness-n0_8"] == 50 and times["evaluate-tgmm"] == 10
-    assert times["generate-tgmm"] is None
+    assert times["evaluate-tgmm"] == 10 and times["generate-tgmm"] is None
     text, total = P.budget_table(cfg, plan)
     assert "OVER by" in text.splitlines()[-1] and "not declared" in text
+
+
+def test_train_stage_time_is_the_makespan_of_its_networks_two_at_a_time():
+    from pipeline.core import workers as W
+
+    cfg = _cfg(**{"studies": ["tgmm", "robustness"], "tgmm.dims": [2, 3],
+                  "tgmm.expected_s": {"train": {"d2": 100, "d3": 60}}, "robustness.expected_s": {"train": 50}})
+    plan = P.resolve(cfg)
+    nets = P.expected_network_times(cfg, plan)
+    assert sorted(nets.values()) == [50, 60, 100], nets  # robustness' n0_16 is tgmm-d2
+    times = P.expected_times(cfg, plan)
+    assert times["train"] == pytest.approx(W.makespan(list(nets.values()), 2))
+    assert times["train"] < sum(nets.values())
+    # longest first on two slots: {100}, {60, 50} -> 110 (not 100 + 60 = 160 one after the other)
+    assert W.makespan([100, 60, 50], 2) == 110 and W.makespan([100, 60, 50], 1) == 210
+    assert cfg.train.workers == "auto" and W.resolve("auto", 3, cuda=False, cores=2) == (2, 1)
+    assert W.resolve("auto", 3, cuda=True, cores=16) == (1, 16) and W.resolve(3, 2, cuda=False, cores=8) == (2, 4)
 
 
 @pytest.mark.parametrize("over, key", [

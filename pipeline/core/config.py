@@ -96,6 +96,10 @@ class TrainConfig:
                         choices=("32-true", "32", "bf16-mixed", "16-mixed", "64-true", "auto"))
     compile: bool = _f(False, "torch.compile the backbone (dynamic shapes; the compile time is paid once per "
                               "process, cached on disk across runs); a speed key, not part of a network's identity")
+    workers: Any = _f("auto", "networks the train command trains at once, each in its own process (read from "
+                              "the base train section): auto = one per CPU core (at most 4), one at a time "
+                              "on a CUDA device; a speed key, not part of a network's identity",
+                      types=(int, str))
     ckpt_every: int = _f(250, "save last.ckpt every this many steps (resume point)", min=1)
     log_every: int = _f(25, "log training metrics every this many steps", min=1)
     val_every: int = _f(250, "score the network on fixed validation tasks every this many steps", min=1)
@@ -105,7 +109,8 @@ class TrainConfig:
 # Keys that cannot change the trained network: left out of its identity (fingerprint), so editing
 # them neither retrains nor invalidates it. (devices: the data of a step are drawn per rank, but
 # a run keeps its identity across hardware; a checkpoint resumes on other hardware too.)
-NOT_IDENTITY = {"train": ("log_every", "ckpt_every", "val_every", "devices", "accelerator", "strategy", "compile")}
+NOT_IDENTITY = {"train": ("log_every", "ckpt_every", "val_every", "devices", "accelerator", "strategy", "compile",
+                          "workers")}
 
 
 @dataclass
@@ -381,7 +386,7 @@ def _build(cls, data: Any, where: str):
             else:
                 inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
                 kwargs[name] = _check_scalar(value, inner, path)
-        elif tp is Any:  # devices: int or "auto"
+        elif tp is Any:  # devices, workers: int or "auto"
             if isinstance(value, bool) or not isinstance(value, meta.get("types", (int, str))):
                 raise ConfigError(f"{path}: expected an integer or 'auto', got {value!r}")
             if isinstance(value, str) and value != "auto":

@@ -8,8 +8,9 @@ written from it.
 
 A network's run id is "<study>-<unit>" of the first study (in params.yaml `studies` order) that
 needs it; a later study that needs an identical run (same fingerprint) uses that network, with no
-copy. Each train stage depends on its own plan file only, so a rerun of the plan stage that leaves
-a file unchanged triggers nothing downstream of it.
+copy. The train stage depends on the networks' plan files only, so a rerun of the plan stage that
+leaves them unchanged triggers nothing downstream of it, and it retrains only the networks whose
+plan file (fingerprint) changed.
 """
 from __future__ import annotations
 
@@ -113,23 +114,42 @@ def _check_expected(cfg: Config, study: str, units: list[str]) -> None:
                                   f"got {sec!r}")
 
 
-def expected_times(cfg: Config, plan: Plan) -> dict[str, float | None]:
-    """Each dvc stage's expected wall time (s) on the reference machine, from the studies'
-    `expected_s` and `sweeps`; None where a study declares none. A network shared by two studies is
-    one stage, counted once (at the first study that trains it)."""
-    out: dict[str, float | None] = {"plan": PLAN_STAGE_S}
+REFERENCE_CORES = 2  # the machine the expected times are stated on (and the budget holds on): 2 CPU cores
+
+
+def expected_network_times(cfg: Config, plan: Plan) -> dict[str, float | None]:
+    """Each network's expected wall time (s), trained beside another on the reference machine (one
+    thread each), from the studies' `expected_s.train`; None where none is declared. A network two
+    studies share is counted once, at the first study that trains it."""
+    out: dict[str, float | None] = {}
     for name, sp in plan.studies.items():
-        exp = cfg.section(name).expected_s
-        train = exp.get("train")
+        train = cfg.section(name).expected_s.get("train")
         for unit, rid in sp.networks.items():
             sec = train.get(unit) if isinstance(train, dict) else train
-            if out.get(f"train-{rid}") is None:
-                out[f"train-{rid}"] = None if sec is None else float(sec)
+            if out.get(rid) is None:
+                out[rid] = None if sec is None else float(sec)
+    return out
+
+
+def expected_times(cfg: Config, plan: Plan) -> dict[str, float | None]:
+    """Each dvc stage's expected wall time (s) on the reference machine, from the studies'
+    `expected_s` and `sweeps`; None where a study declares none. The train stage trains its networks
+    REFERENCE_CORES at a time (core/workers.py), longest first: its time is that schedule's makespan."""
+    from pipeline.core import workers as W
+
+    out: dict[str, float | None] = {"plan": PLAN_STAGE_S}
+    for stage in _inputs(plan):
+        out[stage] = INPUT_STAGES[stage][3]
+    nets = expected_network_times(cfg, plan)
+    if nets:
+        n_workers, _ = W.resolve(cfg.train.workers, len(nets), cuda=False, cores=REFERENCE_CORES)
+        known = [t for t in nets.values() if t is not None]
+        out["train"] = W.makespan(known, n_workers) if known else None  # undeclared ones: flagged by budget_table
+    for name in plan.studies:
+        exp = cfg.section(name).expected_s
         for kind in STAGE_KINDS[1:]:
             out[f"{kind}-{name}"] = None if exp.get(kind) is None else float(exp[kind])
     out["summary"] = SUMMARY_STAGE_S
-    for stage in _inputs(plan):
-        out[stage] = INPUT_STAGES[stage][3]
     for name, sec in cfg.sweeps.items():
         out[f"sweep-{name}"] = float(sec)
     return out
@@ -137,15 +157,28 @@ def expected_times(cfg: Config, plan: Plan) -> dict[str, float | None]:
 
 def budget_table(cfg: Config, plan: Plan) -> tuple[str, float]:
     """The planned stages with their expected times, the total and the budget: (text, total seconds)."""
+    from pipeline.core import workers as W
+
     times = expected_times(cfg, plan)
+    nets = expected_network_times(cfg, plan)
     order = list(dvc_stages(cfg, plan))
-    width = max(len(k) for k in order)
-    lines = [f"planned stages (expected wall time on the reference machine, 2 CPU cores):"]
+    width = max([len(k) for k in order] + [len(r) + 4 for r in nets])
+    lines = [f"planned stages (expected wall time on the reference machine, {REFERENCE_CORES} CPU cores):"]
+
+    def fmt(t):
+        return "not declared" if t is None else f"{t:7.0f} s"
+
     for k in order:
-        t = times.get(k)
-        lines.append(f"  {k:<{width}}  {'not declared' if t is None else f'{t:7.0f} s'}")
+        if k == "train" and nets:
+            n_workers, _ = W.resolve(cfg.train.workers, len(nets), cuda=False, cores=REFERENCE_CORES)
+            lines.append(f"  {k:<{width}}  {fmt(times.get(k))}  ({len(nets)} networks, {n_workers} at a time, "
+                         "longest first:)")
+            for rid, t in sorted(nets.items(), key=lambda kv: -(kv[1] or 0)):
+                lines.append(f"    {rid:<{width - 2}}  {fmt(t)}")
+            continue
+        lines.append(f"  {k:<{width}}  {fmt(times.get(k))}")
     total = sum(t for t in times.values() if t is not None)
-    missing = [k for k in order if times.get(k) is None]
+    missing = [k for k in order if times.get(k) is None and k != "train"] + [r for r, t in nets.items() if t is None]
     budget = 60 * cfg.budget_minutes
     verdict = "within" if total <= budget else f"OVER by {(total - budget) / 60:.1f} min:"
     lines.append(f"  {'total':<{width}}  {total:7.0f} s = {total / 60:.1f} min, {verdict} the budget of "
@@ -297,15 +330,18 @@ def dvc_stages(cfg: Config, plan: Plan, sweeps_root: Path = Path("sweeps")) -> d
     for stage in _inputs(plan):
         cmd, code, output, _ = INPUT_STAGES[stage]
         stages[stage] = {"cmd": cmd, "deps": [code, "pipeline/core/arrays.py"], "outs": [output]}
-    for rid in plan.runs:
-        d = f"{out}/runs/{rid}"
-        stages[f"train-{rid}"] = {
-            "cmd": f"python -m pipeline train --run {rid}",
-            "deps": [f"plans/runs/{rid}.json"],
-            "outs": [f"{d}/model.safetensors", f"{d}/model.json",
-                     {f"{d}/checkpoints": {"persist": True, "cache": False}}],
-            "metrics": [{f"{d}/metrics.json": {"cache": False}}],
-        }
+    if plan.runs:
+        # One stage trains every network, several at once on a CPU (core/workers.py); a network whose
+        # trained files already match its fingerprint is skipped, so changing one network's params
+        # retrains that network only. Its outputs persist: DVC does not delete them before the run.
+        outs, metrics = [], []
+        for rid in plan.runs:
+            d = f"{out}/runs/{rid}"
+            outs += [{f"{d}/model.safetensors": {"persist": True}}, {f"{d}/model.json": {"persist": True}},
+                     {f"{d}/checkpoints": {"persist": True, "cache": False}}]
+            metrics.append({f"{d}/metrics.json": {"persist": True, "cache": False}})
+        stages["train"] = {"cmd": "python -m pipeline train", "deps": [f"plans/runs/{rid}.json" for rid in plan.runs],
+                           "outs": outs, "metrics": metrics}
     for name, sp in plan.studies.items():
         st = S.get(name)
         from pipeline.core import family as F

@@ -1,0 +1,172 @@
+"""Train several networks at once: the `train` command's scheduler.
+
+Why: on a CPU the pipeline's networks are small (width 64, tens of tokens), and two threads make a
+train step only 1.0-1.5x faster than one (docs/speed.md), so two networks trained side by side,
+one thread each, finish 1.4-1.8x sooner than the same two one after the other at two threads; the
+start-up of each process (importing torch and Lightning, ~10 s on a 2-core machine) overlaps too.
+Each network still trains through the one training function (`core.train.train`), in a process of
+its own (`python -m pipeline ... train --run ID`), so its result does not depend on the schedule:
+a network's data are a function of (seed, step, rank), never of what runs beside it.
+
+`train.workers` (the base train section): `auto` = one network per CPU core, at most 4, each with
+cores // workers threads; one at a time on a CUDA device (one device, its whole memory); an integer
+forces that many. Networks start longest first (their declared expected time), which keeps the
+makespan close to the optimum. Each worker's output goes to <run dir>/train.log; the command
+prints a line when a network starts and ends, and a failing network's log tail.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MAX_AUTO_WORKERS = 4
+
+
+def cpu_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve(setting, n_jobs: int, cuda: bool, cores: int | None = None) -> tuple[int, int]:
+    """(workers, threads per worker) for `n_jobs` networks under train.workers = `setting`."""
+    cores = cpu_cores() if cores is None else cores
+    if n_jobs <= 1:
+        return 1, cores
+    if setting == "auto":
+        workers = 1 if cuda else min(n_jobs, cores, MAX_AUTO_WORKERS)
+    else:
+        workers = min(int(setting), n_jobs)
+    return workers, max(1, cores // workers)
+
+
+def makespan(times: list[float], workers: int) -> float:
+    """Wall time of jobs of these durations on `workers` slots, longest first (what run_parallel does)."""
+    slots = [0.0] * max(1, workers)
+    for t in sorted(times, reverse=True):
+        i = slots.index(min(slots))
+        slots[i] += t
+    return max(slots)
+
+
+@dataclass
+class Job:
+    name: str
+    argv: list[str]
+    log: Path
+    expected_s: float = 0.0
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+    started: float = 0.0
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").replace("\r", "\n")
+    except OSError:
+        return ""
+    keep = [ln for ln in text.splitlines() if ln.strip() and "it/s" not in ln and "s/it" not in ln]
+    return "\n".join(keep[-lines:])
+
+
+def _last_line(path: Path, marker: str) -> str:
+    for ln in reversed(_tail(path, 50).splitlines()):
+        if marker in ln:
+            return ln.strip()
+    return ""
+
+
+def run_parallel(jobs: list[Job], workers: int, threads: int, tag: str = "[train]") -> int:
+    """Run the jobs, `workers` at a time, longest expected first; each with `threads` CPU threads.
+    Returns 0, or the exit status of the first job that failed (the others already running are
+    let finish, so their work is kept; none is started after a failure)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    pending = sorted(jobs, key=lambda j: -j.expected_s)
+    running: list[Job] = []
+    failed: list[tuple[Job, int]] = []
+    done = 0
+    t0 = time.monotonic()
+    print(f"{tag} {len(jobs)} networks, {workers} at a time, {threads} thread(s) each; "
+          f"each one's output: <run dir>/train.log", flush=True)
+
+    def stop_all(signum, _frame):
+        for j in running:
+            if j.proc and j.proc.poll() is None:
+                j.proc.send_signal(signal.SIGTERM)  # each one checkpoints and exits 143
+        pending.clear()
+
+    old = signal.signal(signal.SIGTERM, stop_all)
+    try:
+        while pending or running:
+            while pending and len(running) < workers and not failed:
+                j = pending.pop(0)
+                j.log.parent.mkdir(parents=True, exist_ok=True)
+                with open(j.log, "w") as fh:
+                    j.proc = subprocess.Popen(j.argv, stdout=fh, stderr=subprocess.STDOUT, env=env)
+                j.started = time.monotonic()
+                running.append(j)
+                print(f"{tag} started {j.name}", flush=True)
+            if failed:
+                pending.clear()
+            time.sleep(0.5)
+            for j in list(running):
+                rc = j.proc.poll()
+                if rc is None:
+                    continue
+                running.remove(j)
+                done += 1
+                took = time.monotonic() - j.started
+                if rc == 0:
+                    line = _last_line(j.log, "done:") or "done"
+                    print(f"{tag} {done}/{len(jobs)} {j.name}: {took:.1f} s; {line}", flush=True)
+                else:
+                    failed.append((j, rc))
+                    print(f"{tag} {j.name} FAILED (exit {rc}) after {took:.1f} s; the end of {j.log}:\n"
+                          f"{_tail(j.log)}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        stop_all(None, None)
+        for j in running:
+            j.proc.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    print(f"{tag} {done - len(failed)}/{len(jobs)} networks trained in {time.monotonic() - t0:.1f} s", flush=True)
+    return failed[0][1] if failed else 0
+
+
+def is_trained(run, run_dir: Path) -> bool:
+    """True if run_dir holds the finished network of exactly this run (its fingerprint) and its
+    metrics: the train command then skips it without starting Lightning."""
+    import json
+
+    from pipeline.core.fingerprint import fingerprint
+
+    spec, weights, metrics = run_dir / "model.json", run_dir / "model.safetensors", run_dir / "metrics.json"
+    if not (spec.is_file() and weights.is_file() and metrics.is_file()):
+        return False
+    try:
+        meta = json.loads(spec.read_text())
+        return meta.get("fingerprint") == fingerprint(run) and int(meta.get("global_step", -1)) >= run.train.steps
+    except (ValueError, TypeError, OSError):
+        return False
+
+
+def child_argv(args, run_id: str) -> list[str]:
+    """The command line that trains one network in a process of its own, with the same parameters
+    (params file, profile, overrides) as this command."""
+    argv = [sys.executable, "-m", "pipeline", "--params", args.params]
+    if args.profile:
+        argv += ["--profile", args.profile]
+    for kv in args.overrides:
+        argv += ["--set", kv]
+    argv += ["train", "--run", run_id]
+    if args.no_track:
+        argv.append("--no-track")
+    if args.no_resume:
+        argv.append("--no-resume")
+    return argv
