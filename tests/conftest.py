@@ -36,7 +36,7 @@ TINY_PARAMS: dict = {
     "clustering": {"n_tasks": 8, "separations": [4.0], "probe_tasks": 32, "probe_fit_steps": 5, "probe_em_steps": [1, 2],
                    "model": {"n_layer": 1, "n_head": 2, "n_embd": 16}},
     "mixreg": {"n_tasks": 8, "snrs": [2.0], "n_points": [4, 8], "probe_tasks": 32, "probe_fit_steps": 5,
-               "probe_em": [0, 1]},
+               "probe_em": [0, 1], "components_snrs": [4.0], "components_tasks": 8},
     "wandb": {"mode": "disabled"},
 }
 

@@ -12,7 +12,8 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from pipeline.algorithms.lloyd import lloyd
 from pipeline.families.cluster import FAMILY, Lloyd, Spectral2
 from pipeline.families.cluster.data import ClusterEstimate, sample_clusters
-from pipeline.families.cluster.loss import cost_matrix, matched_assignment, matched_cross_entropy
+from pipeline.core.matching import matched_assignment
+from pipeline.families.cluster.loss import cost_matrix, matched_cross_entropy
 from pipeline.families.cluster.metrics import (adjusted_rand_index, contingency, misclustering_rate,
                                                normalized_mutual_info)
 

@@ -118,8 +118,8 @@ def test_make_logger_disabled_returns_none(tiny_cfg, tmp_path, monkeypatch):
     assert tiny_cfg.wandb.mode == "disabled"
     assert tracking.make_logger(tiny_cfg, "x", "train", save, "g") is None  # config says disabled
     assert not save.exists()
-    with tracking.tracked_run(tiny_cfg, "x", "evaluate", save, "g") as logger:
-        assert logger is None
+    with tracking.tracked_run(tiny_cfg, "x", "evaluate", save, "g") as run:
+        assert run is None
 
 
 def test_online_failure_falls_back_to_offline_then_none(tiny_params, tmp_path, monkeypatch, no_credentials):
@@ -289,15 +289,29 @@ def test_evaluation_run_is_grouped_by_study(tiny_params, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = from_dict(_offline_params(tiny_params), source="test")
     save = Path(cfg.out_dir) / "wandb"
-    with tracking.tracked_run(cfg, "tgmm-evaluate", "evaluate", save, "tgmm") as logger:
-        assert logger is not None
-        logger.experiment.log({"tgmm/main/l2/d=2/K=2/em_paper": 0.25})
+    with tracking.tracked_run(cfg, "tgmm-evaluate", "evaluate", save, "tgmm") as run:
+        assert run is not None
+        run.log({"tgmm/main/l2/d=2/K=2/em_paper": 0.25})
     assert wandb.run is None
     (run_dir,) = save.glob("offline-run-*")  # directly in <out_dir>/wandb
     info = _offline_run(run_dir)
     assert (info["name"], info["group"], info["job_type"], info.get("exit")) == ("tgmm-evaluate", "tgmm",
                                                                                   "evaluate", 0)
     assert b"tgmm/main/l2/d=2/K=2/em_paper" in next(run_dir.glob("run-*.wandb")).read_bytes()
+
+
+def test_an_evaluation_run_does_not_import_lightning(tmp_path):
+    """Importing Lightning costs ~6 s on a 2-core CPU: the evaluate/report stages must not pay it."""
+    code = ("import sys, os; os.environ['WANDB_MODE'] = 'offline'; os.environ['WANDB_SILENT'] = 'true'\n"
+            "from pipeline.core import evaluate, report, tracking\n"
+            "with tracking.tracked_run(None, 'x-evaluate', 'evaluate', sys.argv[1], 'x') as run:\n"
+            "    run.log({'a': 1.0})\n"
+            "print('lightning' if 'pytorch_lightning' in sys.modules else 'no lightning')")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "wandb")], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "no lightning"
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
 def test_broken_wandb_does_not_fail_training(tiny_params, tiny_run, tmp_path, monkeypatch, one_thread):

@@ -12,7 +12,11 @@ y_i = c_i <beta, x_i> + sigma eps_i, c_i = +-1 equiprobable (Jin, Balasubramania
     oracle_ls        least squares knowing every c_i: beta = (X'X)^-1 X'(c * y)
     ols              least squares ignoring the mixture (for a symmetric mixture, beta ~ 0)
 
-All take X (B, n, d), y (B, n) and return (B, d); `steps` gives iterates after each listed count.
+    em_components_iterates, oracle_components   the same for K >= 3 regressors (softmax
+                     responsibilities; weighted least squares or gradient M steps per component)
+
+All take X (B, n, d), y (B, n) and return (B, d) (K components: (B, K, d)); `steps` gives
+iterates after each listed count.
 """
 from __future__ import annotations
 
@@ -63,4 +67,56 @@ def em_iterates(X: Tensor, y: Tensor, sigma: Tensor, beta0: Tensor, steps: list[
                     beta = beta - step * (X.transpose(1, 2) @ ((X @ beta[..., None])[..., 0] - w * y)[..., None])[..., 0] / n
         done = k
         out.append(beta.clone())
+    return out
+
+
+# ----------------------------------------------------------------------------- K components
+
+def _weighted_ls(X: Tensor, y: Tensor, R: Tensor, ridge: float = 1e-10) -> Tensor:
+    """X (B, n, d), y (B, n), weights R (B, K, n) -> (B, K, d): per component argmin sum_i R_ki (y_i - <b, x_i>)^2
+    (a relative ridge of 1e-10 keeps a component with fewer than d examples solvable; min-norm-like)."""
+    XR = X[:, None] * R[..., None]  # (B, K, n, d)
+    A = XR.transpose(-1, -2) @ X[:, None]  # (B, K, d, d)
+    b = (XR.transpose(-1, -2) @ y[:, None, :, None])[..., 0]  # (B, K, d)
+    d = X.shape[-1]
+    scale = A.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30) / d  # (B, K)
+    eye = torch.eye(d, dtype=X.dtype, device=X.device)
+    return torch.linalg.solve(A + (ridge * scale)[..., None, None] * eye, b)
+
+
+def oracle_components(X: Tensor, y: Tensor, comps: Tensor, K: int) -> Tensor:
+    """(B, n, d), (B, n), components (B, n) -> (B, K, d): least squares on each component's examples."""
+    R = torch.nn.functional.one_hot(comps, K).to(X.dtype).transpose(1, 2)  # (B, K, n)
+    return _weighted_ls(X, y, R)
+
+
+def responsibilities(X: Tensor, y: Tensor, sigma: Tensor, betas: Tensor) -> Tensor:
+    """E step of the K-component mixture with equal weights and known sigma: (B, K, n) P(c_i = k | x_i, y_i)."""
+    resid = y[:, None] - (betas @ X.transpose(1, 2))  # (B, K, n)
+    return torch.softmax(-resid.pow(2) / (2 * sigma[:, None, None].pow(2)), dim=1)
+
+
+def em_components_iterates(X: Tensor, y: Tensor, sigma: Tensor, betas0: Tensor, steps: list[int],
+                           m_step: str = "exact", gd_steps: int = 5, lr: float = 1.0) -> list[Tensor]:
+    """EM for K regressors (equal weights, sigma known) from betas0 (B, K, d) -> [betas after k iterations for k
+    in steps]. M step exact: weighted least squares per component; gd: `gd_steps` gradient steps per component
+    on (1/2n) sum_i R_ki (y_i - <b, x_i>)^2, step lr / lambda_max(X' diag(R_k) X / n)."""
+    if m_step not in ("exact", "gd"):
+        raise ValueError(f"m_step must be exact or gd, got {m_step!r}")
+    betas, out, done = betas0.clone(), [], 0
+    n = X.shape[1]
+    for k in steps:
+        for _ in range(k - done):
+            R = responsibilities(X, y, sigma, betas)  # (B, K, n)
+            if m_step == "exact":
+                betas = _weighted_ls(X, y, R)
+            else:
+                XR = X[:, None] * R[..., None]  # (B, K, n, d)
+                H = XR.transpose(-1, -2) @ X[:, None] / n  # (B, K, d, d)
+                step = lr / torch.linalg.eigvalsh(H)[..., -1:].clamp_min(1e-12)  # (B, K, 1)
+                for _ in range(gd_steps):
+                    grad = (XR.transpose(-1, -2) @ ((betas @ X.transpose(1, 2)) - y[:, None])[..., None])[..., 0] / n
+                    betas = betas - step * grad
+        done = k
+        out.append(betas.clone())
     return out

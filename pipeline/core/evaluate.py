@@ -221,9 +221,9 @@ def evaluate(cfg: Config, study, root: Path | None = None, track: bool = True, p
     write_results(P.study_dir(cfg, study.name) / "results.json", results)
     if track:
         with tracking.tracked_run(cfg, f"{study.name}-evaluate", "evaluate", Path(cfg.out_dir) / "wandb",
-                                  group=study.name) as logger:
-            if logger is not None:
-                logger.experiment.log(flat_metrics(results))
+                                  group=study.name) as run:
+            if run is not None:
+                run.log(flat_metrics(results))
     return results
 
 

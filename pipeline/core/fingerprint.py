@@ -14,7 +14,8 @@ from pipeline.core.config import RunConfig
 
 PACKAGE = Path(__file__).resolve().parents[1]
 # The spine files a training run executes (evaluation, reporting, tuning are not among them).
-SPINE = ("core/config.py", "core/family.py", "core/rng.py", "core/network.py", "core/module.py", "core/train.py")
+SPINE = ("core/config.py", "core/family.py", "core/rng.py", "core/network.py", "core/module.py", "core/train.py",
+         "core/batch.py", "core/matching.py")
 
 
 def code_files(family: str) -> list[Path]:

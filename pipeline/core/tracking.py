@@ -51,15 +51,16 @@ def run_record(run: RunConfig, **extra) -> dict:
     return {**flatten(run.to_dict()), **extra}
 
 
-def make_logger(cfg: Config | None, name: str, job_type: str, save_dir: str | Path, group: str,
-                tags: list[str] | None = None, run_id: str | None = None, config: dict | None = None):
-    """A Lightning WandbLogger whose run is already started, or None if tracking is unavailable.
+def start_run(cfg: Config | None, name: str, job_type: str, save_dir: str | Path, group: str,
+              tags: list[str] | None = None, run_id: str | None = None, config: dict | None = None):
+    """A started W&B run (plain `wandb.init`: no Lightning import, which costs 6 s on a 2-core CPU, so
+    an evaluation stage does not pay for it), or None if tracking is disabled or unavailable.
 
     `cfg` supplies the W&B settings (mode, project, entity; defaults if None). `save_dir` is where
     the runs land, e.g. <out_dir>/wandb -> <out_dir>/wandb/offline-run-*: W&B puts its runs in a
     `wandb` folder below the directory it is given, so a save_dir named `wandb` is handed over as
     its parent (any other save_dir gets the `wandb` folder below it). The run is created
-    eagerly so that a tracking failure shows here, as a warning, and not as a crashed training run.
+    eagerly so that a tracking failure shows here, as a warning, and not as a crashed job.
     Online init failures fall back to offline. A `run_id` makes a retried or resumed job continue the
     same run (resume="allow") instead of starting a second one.
     """
@@ -68,7 +69,6 @@ def make_logger(cfg: Config | None, name: str, job_type: str, save_dir: str | Pa
     if mode == "disabled":
         return None
     try:
-        from pytorch_lightning.loggers import WandbLogger
         import wandb
     except ImportError as e:  # pragma: no cover - wandb is a declared dependency
         warnings.warn(f"W&B unavailable ({e}); continuing without tracking")
@@ -79,20 +79,30 @@ def make_logger(cfg: Config | None, name: str, job_type: str, save_dir: str | Pa
     finish()  # a run left open by an earlier failure must not swallow this one
     for attempt in ([mode, "offline"] if mode == "online" else [mode]):
         try:
-            logger = WandbLogger(project=w.project, entity=w.entity, name=name, id=run_id, group=group,
-                                 job_type=job_type, tags=tags, save_dir=str(wandb_root), mode=attempt,
-                                 config=config or {},
-                                 settings=wandb.Settings(init_timeout=30, silent=True, x_disable_stats=True))
-            run = logger.experiment  # start now (rank 0); other ranks get a dummy
+            run = wandb.init(project=w.project, entity=w.entity, name=name, id=run_id, group=group,
+                             job_type=job_type, tags=tags, dir=str(wandb_root), mode=attempt, config=config or {},
+                             resume="allow" if run_id else None,
+                             settings=wandb.Settings(init_timeout=30, silent=True, x_disable_stats=True))
             run_dir = getattr(run, "dir", None)
             if run_dir:
                 print(f"[wandb] {attempt} run {name!r} (group {group}) -> {Path(run_dir).parent}", file=sys.stderr)
-            return logger
+            return run
         except Exception as e:  # tracking must never fail a run
             warnings.warn(f"W&B {attempt} init failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           + ("retrying offline" if attempt == "online" else "continuing without tracking"))
             finish()
     return None
+
+
+def make_logger(cfg: Config | None, name: str, job_type: str, save_dir: str | Path, group: str,
+                tags: list[str] | None = None, run_id: str | None = None, config: dict | None = None):
+    """A Lightning WandbLogger around a run started by `start_run` (same arguments), or None."""
+    run = start_run(cfg, name, job_type, save_dir, group, tags=tags, run_id=run_id, config=config)
+    if run is None:
+        return None
+    from pytorch_lightning.loggers import WandbLogger
+
+    return WandbLogger(experiment=run, save_dir=str(Path(save_dir)))
 
 
 def finish(exit_code: int = 0) -> None:
@@ -108,12 +118,12 @@ def finish(exit_code: int = 0) -> None:
 
 @contextmanager
 def tracked_run(cfg: Config | None, name: str, job_type: str, save_dir: str | Path, group: str, **kw):
-    """`with tracked_run(...) as logger:` — a started run (or None) that is always finished."""
-    logger = make_logger(cfg, name, job_type, save_dir, group, **kw)
+    """`with tracked_run(...) as run:` — a started W&B run (or None) that is always finished."""
+    run = start_run(cfg, name, job_type, save_dir, group, **kw)
     code = 1
     try:
-        yield logger
+        yield run
         code = 0
     finally:
-        if logger is not None:
+        if run is not None:
             finish(exit_code=code)

@@ -40,6 +40,8 @@ class AblationSection(StudySection):
     match_params: bool = _f(True, "choose each variant's n_embd so its parameter count is closest to the base "
                                   "network's (depth and heads unchanged)")
     methods: list[str] = _f(list(GMM_METHODS), "classical solvers compared", choices=GMM_METHODS)
+    anisotropic: bool = _f(True, "also train and evaluate the network on anisotropic mixtures (the `anisotropic` "
+                                 "network and grid)")
 
 
 class AblationStudy(Study):
@@ -113,7 +115,8 @@ class AblationStudy(Study):
         for name in a.variants:
             m = self.matched_model(cfg, name)
             out.append(Unit(name, {"task": {"d": a.d}, "model": m}, label=describe(ModelConfig(**m))))
-        out.append(Unit(ANISO, {"task": {"d": a.d, "anisotropic": True}}, label="anisotropic"))
+        if a.anisotropic:
+            out.append(Unit(ANISO, {"task": {"d": a.d, "anisotropic": True}}, label="anisotropic"))
         return out
 
     def point_task(self, cfg, grid, point):
@@ -131,18 +134,25 @@ class AblationStudy(Study):
             return eval_set(cfg, self.task(cfg, d=a.d, anisotropic=True), p["K"], a.n_tasks, a.n)
 
         variants = [Method(v, unit=v) for v in a.variants]
-        return [Grid("backbones", ["K"], [{"K": K} for K in ks], iso, lambda cfg, p: [*variants, *baselines],
-                     title=f"backbones at d = {a.d}", n_tasks=a.n_tasks),
-                Grid(ANISO, ["K"], [{"K": K} for K in ks], aniso,
-                     lambda cfg, p: [Method("tgmm", unit=ANISO), *baselines],
-                     title=f"anisotropic mixtures at d = {a.d}", n_tasks=a.n_tasks)]
+        grids = [Grid("backbones", ["K"], [{"K": K} for K in ks], iso, lambda cfg, p: [*variants, *baselines],
+                      title=f"backbones at d = {a.d}", n_tasks=a.n_tasks)]
+        if a.anisotropic:
+            grids.append(Grid(ANISO, ["K"], [{"K": K} for K in ks], aniso,
+                              lambda cfg, p: [Method("tgmm", unit=ANISO), *baselines],
+                              title=f"anisotropic mixtures at d = {a.d}", n_tasks=a.n_tasks))
+        return grids
 
     def tables(self, cfg):
-        return [*gmm_tables("backbones")[:2], gmm_tables(ANISO)[0], gmm_tables(ANISO)[1]]
+        out = [*gmm_tables("backbones")[:2]]
+        if self.section(cfg).anisotropic:
+            out += [gmm_tables(ANISO)[0], gmm_tables(ANISO)[1]]
+        return out
 
     def figures(self, cfg):
-        return [Figure("backbones_l2", "backbones", "l2", "K", title="l2 vs K per backbone (matched parameters)"),
-                Figure("anisotropic_l2", ANISO, "l2", "K", title="anisotropic mixtures: l2 vs K")]
+        out = [Figure("backbones_l2", "backbones", "l2", "K", title="l2 vs K per backbone (matched parameters)")]
+        if self.section(cfg).anisotropic:
+            out.append(Figure("anisotropic_l2", ANISO, "l2", "K", title="anisotropic mixtures: l2 vs K"))
+        return out
 
     def notes(self, cfg, results):
         from pipeline.core.network import count_parameters

@@ -1,6 +1,7 @@
 """The mixture of linear regressions in context (Jin, Balasubramanian, Lai 2024): the network reads a
 prompt of examples from the symmetric two-component mixture y = +-<beta, x> + noise and outputs
-beta (up to its sign); classical estimators are EM (exact weighted-least-squares M step, or the
+beta (up to its sign), or from a K-component mixture (task.components >= 3) and outputs K
+regressors (in any order); classical estimators are EM (exact weighted-least-squares M step, or the
 construction's gradient M step), the oracle that knows every example's component, and ordinary
 least squares (pipeline/algorithms/mixture_regression.py).
 
@@ -19,7 +20,8 @@ from pipeline.core import rng
 from pipeline.core.family import Metric, SolverSpec, TaskFamily, solver_name
 from pipeline.core.probe import ProbeTarget
 from pipeline.families.mixreg import config as C
-from pipeline.families.mixreg.data import MixRegBatch, MixRegEstimate, sample_mixreg, sign_aligned_error
+from pipeline.families.mixreg.data import (MixRegBatch, MixRegEstimate, estimate_error, pairwise_sq, sample_mixreg,
+                                           sign_aligned_error)
 
 _DEFAULTS = dataclasses.asdict(C.MixRegSolvers())
 
@@ -31,21 +33,28 @@ def _A():
 
 
 def _beta_error(batch, est):
-    """(B,) min_s ||s beta_hat - beta||^2: the excess squared prediction error over the true-beta
-    predictor for a query x ~ N(0, I) whose component is known."""
-    return sign_aligned_error(est.beta.double().cpu(), batch.beta.double().cpu())
+    """(B,) min_s ||s beta_hat - beta||^2 (K >= 3: the matched mean over components): the excess squared
+    prediction error over the true regressor for a query x ~ N(0, I) whose component is known."""
+    return estimate_error(est.beta.double().cpu(), batch.to("cpu", torch.float64))
+
+
+def _oracle(b):
+    """The least squares that knows every example's component: (B, d) symmetric, else (B, K, d)."""
+    if b.symmetric:
+        return _A().oracle_ls(b.xs, b.ys, b.signs)
+    return _A().oracle_components(b.xs, b.ys, b.comps, b.K)
 
 
 def _vs_oracle(batch, est):
     """(B,) the excess error relative to the oracle least squares' (knows every c_i) on the same prompt."""
     b = batch.to("cpu", torch.float64)
-    oracle = _A().oracle_ls(b.xs, b.ys, b.signs)
-    return _beta_error(batch, est) / sign_aligned_error(oracle, b.beta).clamp_min(1e-30)
+    return _beta_error(batch, est) / estimate_error(_oracle(b), b).clamp_min(1e-30)
 
 
 def _start(batch, seed: int):
-    """(B, d) a unit start per task, task i's from (seed, SOLVER, 13, i)."""
-    v = rng.per_task_draws(seed, batch.task_index(), lambda g: torch.randn(batch.d, generator=g, device=g.device),
+    """A unit start per task, task i's from (seed, SOLVER, 13, i): (B, d) symmetric, else (B, K, d)."""
+    shape = (batch.d,) if batch.symmetric else (batch.K, batch.d)
+    v = rng.per_task_draws(seed, batch.task_index(), lambda g: torch.randn(*shape, generator=g, device=g.device),
                            rng.SOLVER, 13, device=batch.device).double()
     return v / v.norm(dim=-1, keepdim=True)
 
@@ -60,6 +69,13 @@ class EM:
 
     def __call__(self, batch: MixRegBatch) -> MixRegEstimate:
         b = batch.to(batch.device, torch.float64)
+        if not b.symmetric:
+            if self.start == "spectral":
+                return MixRegEstimate(torch.zeros(b.B, b.K, b.d), applicable=False,
+                                      reason="the spectral start is for the symmetric two-component mixture")
+            its = _A().em_components_iterates(b.xs, b.ys, b.sigma, _start(batch, self.seed), [self.iters],
+                                              self.m_step, self.gd_steps, self.lr)
+            return MixRegEstimate(its[0].float())
         b0 = _A().spectral_start(b.xs, b.ys) if self.start == "spectral" else _start(batch, self.seed)
         beta = _A().em_iterates(b.xs, b.ys, b.sigma, b0, [self.iters], self.m_step, self.gd_steps, self.lr)[0]
         return MixRegEstimate(beta.float())
@@ -69,8 +85,7 @@ class Oracle:
     name = "oracle"
 
     def __call__(self, batch):
-        b = batch.to(batch.device, torch.float64)
-        return MixRegEstimate(_A().oracle_ls(b.xs, b.ys, b.signs).float())
+        return MixRegEstimate(_oracle(batch.to(batch.device, torch.float64)).float())
 
 
 class OLS:
@@ -96,7 +111,8 @@ def _em_gd(p, seed, task):
 
 def _em_probe(batch, steps, p):
     b = batch.to(batch.device, torch.float64)
-    its = _A().em_iterates(b.xs, b.ys, b.sigma, _start(batch, int(p["seed"])), list(steps))
+    run = _A().em_iterates if b.symmetric else _A().em_components_iterates
+    its = run(b.xs, b.ys, b.sigma, _start(batch, int(p["seed"])), list(steps))
     return [MixRegEstimate(beta.float()) for beta in its]
 
 
@@ -128,24 +144,38 @@ class MixRegFamily(TaskFamily):
 
     def describe(self, task) -> str:
         snr = f"{task.snr:g}" if task.snr == task.snr_max else f"{task.snr:g}-{task.snr_max:g}"
-        return f"d={task.d}, {task.n_points} examples, SNR {snr}"
+        k = "" if task.components == 2 else f", K = {task.components} regressors"
+        return f"d={task.d}, {task.n_points} examples, SNR {snr}{k}"
 
     def sample(self, task, group, batch_size, generator, device, step=None):
-        return sample_mixreg(batch_size, task.d, task.n_points, generator, device, snr=task.snr, snr_max=task.snr_max)
+        return sample_mixreg(batch_size, task.d, task.n_points, generator, device, snr=task.snr, snr_max=task.snr_max,
+                             components=task.components)
+
+    @staticmethod
+    def _answers(task) -> int:
+        """Read-out tokens: one beta for the symmetric mixture, K regressors otherwise."""
+        return 1 if task.components == 2 else task.components
 
     def read_in(self, task, model):
         from pipeline.families.mixreg.net import ReadIn
 
-        return ReadIn(task.d, model.n_embd)
+        return ReadIn(task.d, model.n_embd, self._answers(task))
 
     def read_out(self, task, model, group):
         from pipeline.models.heads import LastTokensHead
 
-        return LastTokensHead(model.n_embd, task.d)
+        return LastTokensHead(model.n_embd, task.d, self._answers(task))  # (B, d) | (B, K, d)
 
     def loss(self, out, batch, task):
-        """||beta_hat beta_hat' - beta beta'||_F^2 = |beta_hat|^4 - 2 (beta_hat . beta)^2 + 1: sign-invariant and
-        smooth (the min over signs of ||beta_hat -+ beta||^2 is not). The minimiser is beta_hat = +-beta."""
+        """Symmetric mixture: ||beta_hat beta_hat' - beta beta'||_F^2 = |beta_hat|^4 - 2 (beta_hat . beta)^2 + 1,
+        sign-invariant and smooth (the min over signs of ||beta_hat -+ beta||^2 is not); the minimiser is
+        beta_hat = +-beta. K regressors: the mean over components of ||beta_hat_pi(k) - beta_k||^2 under the
+        best matching pi (core/matching.py; the gradient flows through the matched pairs)."""
+        if not batch.symmetric:
+            from pipeline.core.matching import matched_costs
+
+            err = matched_costs(pairwise_sq(out.float(), batch.betas.float())).mean(1)  # (B,)
+            return {"loss": err.mean(), "beta_error": err.mean().detach()}
         bh, b = out.float(), batch.beta.float()
         loss = bh.pow(2).sum(-1).pow(2) - 2 * (bh * b).sum(-1).pow(2) + b.pow(2).sum(-1).pow(2)
         return {"loss": loss.mean(), "beta_error": sign_aligned_error(bh, b).mean().detach()}
@@ -154,7 +184,14 @@ class MixRegFamily(TaskFamily):
         return MixRegEstimate(out.float())
 
     def residual(self, est: MixRegEstimate, batch: MixRegBatch):
-        """(B, d) s beta_hat - beta with the better sign s."""
+        """(B, d) s beta_hat - beta with the better sign s; K regressors: (B, K d), the matched differences."""
+        if not batch.symmetric:
+            from pipeline.core.matching import matched_assignment
+
+            bh, b = est.beta.to(batch.device).double(), batch.betas.double()
+            pi = matched_assignment(pairwise_sq(bh, b))  # (B, K)
+            picked = torch.gather(bh, 1, pi[..., None].expand_as(b))
+            return (picked - b).flatten(1)
         bh, b = est.beta.to(batch.beta.device).double(), batch.beta.double()
         s = torch.where((bh - b).pow(2).sum(-1, keepdim=True) <= (bh + b).pow(2).sum(-1, keepdim=True), 1.0, -1.0)
         return s * bh - b

@@ -13,6 +13,8 @@ class MixRegTask:
     snr: float = _f(2.0, "signal-to-noise ratio ||beta|| / sigma of the training prompts (||beta|| = 1): "
                          "y_i = c_i <beta, x_i> + sigma eps_i, c_i = +-1 equiprobable", gt=0)
     snr_max: float = _f(2.0, "upper end of a per-prompt SNR range, log-uniform (= snr: one value)", gt=0)
+    components: int = _f(2, "regressors K: 2 = the symmetric mixture beta, -beta (the paper's default); >= 3 = K "
+                            "independent unit regressors (the paper's K-component mixture, at high SNR)", min=2, max=8)
 
 
 @dataclass
