@@ -5,7 +5,7 @@
   train      train networks: --run ID (repeatable), else every run of --study, else of every listed study
   generate   write the fixed evaluation sets of --study (default: every listed study) into data/<study>/
   evaluate   networks + classical solvers on those sets -> <out_dir>/<study>/results.json
-  report     tables, figures, dvc-plots CSVs, metrics JSON -> <out_dir>/<study>/report/
+  report     tables, figures, dvc-plots CSVs, metrics JSON -> <out_dir>/<study>/report/ (--summary: + summary)
   summary    the top-level report of every listed study, with the cross-study probing table -> <out_dir>/report.md
   sweep      a Ray Tune sweep from sweeps/<name>.yaml (a sweep names its study)
   bench      throughput of the train step and the classical solvers
@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     e = sub.add_parser("evaluate", help="evaluate every method on the evaluation sets")
     e.add_argument("--no-track", action="store_true", help="no W&B run")
-    sub.add_parser("report", help="write metrics, plots, figures and tables")
+    rp = sub.add_parser("report", help="write metrics, plots, figures and tables")
+    rp.add_argument("--summary", action="store_true", help="then the top-level report too (as `summary`)")
     sub.add_parser("summary", help="write the top-level report (every study, the cross-study probing table)")
     b = sub.add_parser("bench", help="print throughput figures")
     b.add_argument("--steps", type=int, default=20, help="timed train steps (after 3 warm-up steps)")
@@ -208,6 +209,10 @@ def _run(args, cfg, studies: list[str]) -> int:
             res = load_results(P.study_dir(cfg, name) / "results.json", f"python -m pipeline --study {name} evaluate")
             for p in write_report(cfg, st, res, P.study_dir(cfg, name) / "report"):
                 print(p)
+        if args.summary:
+            from pipeline.core.report import write_summary
+
+            print(write_summary(cfg, [S.get(n) for n in studies], Path(cfg.out_dir) / "report.md"))
     elif args.command == "summary":
         from pipeline.core.report import write_summary
 

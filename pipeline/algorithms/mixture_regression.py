@@ -72,16 +72,14 @@ def em_iterates(X: Tensor, y: Tensor, sigma: Tensor, beta0: Tensor, steps: list[
 
 # ----------------------------------------------------------------------------- K components
 
-def _weighted_ls(X: Tensor, y: Tensor, R: Tensor, ridge: float = 1e-10) -> Tensor:
-    """X (B, n, d), y (B, n), weights R (B, K, n) -> (B, K, d): per component argmin sum_i R_ki (y_i - <b, x_i>)^2
-    (a relative ridge of 1e-10 keeps a component with fewer than d examples solvable; min-norm-like)."""
+def _weighted_ls(X: Tensor, y: Tensor, R: Tensor) -> Tensor:
+    """X (B, n, d), y (B, n), weights R (B, K, n) -> (B, K, d): per component the minimum-norm argmin of
+    sum_i R_ki (y_i - <b, x_i>)^2 (a component with fewer than d examples is underdetermined: the
+    pseudo-inverse gives the least-norm fit instead of an arbitrary huge one)."""
     XR = X[:, None] * R[..., None]  # (B, K, n, d)
     A = XR.transpose(-1, -2) @ X[:, None]  # (B, K, d, d)
-    b = (XR.transpose(-1, -2) @ y[:, None, :, None])[..., 0]  # (B, K, d)
-    d = X.shape[-1]
-    scale = A.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30) / d  # (B, K)
-    eye = torch.eye(d, dtype=X.dtype, device=X.device)
-    return torch.linalg.solve(A + (ridge * scale)[..., None, None] * eye, b)
+    b = XR.transpose(-1, -2) @ y[:, None, :, None]  # (B, K, d, 1)
+    return (torch.linalg.pinv(A, hermitian=True) @ b)[..., 0]
 
 
 def oracle_components(X: Tensor, y: Tensor, comps: Tensor, K: int) -> Tensor:
