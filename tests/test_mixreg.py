@@ -144,10 +144,10 @@ def test_k_component_oracle_is_least_squares_on_each_components_examples():
 def test_k_component_oracle_is_min_norm_where_a_component_has_fewer_examples_than_dimensions():
     from pipeline.algorithms.mixture_regression import oracle_components
 
-    b = sample_mixreg(4, 5, 6, torch.Generator().manual_seed(15), snr=2.0, components=3)  # ~2 examples each
+    b = sample_mixreg(256, 5, 8, torch.Generator().manual_seed(15), snr=2.0, components=3)  # ~2.7 examples each
     X, y = b.xs.double(), b.ys.double()
     got = oracle_components(X, y, b.comps, 3)
-    for i in range(4):
+    for i in range(256):
         for k in range(3):
             sel = (b.comps[i] == k).numpy()
             ref = np.linalg.lstsq(X[i].numpy()[sel], y[i].numpy()[sel], rcond=None)[0] if sel.any() else np.zeros(5)
