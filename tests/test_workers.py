@@ -1,0 +1,48 @@
+"""The train command's scheduler (core/workers.py): workers per CPU, longest first, a failure
+stops new starts but lets the running job finish, and the exit status is the failing job's."""
+from __future__ import annotations
+
+import sys
+
+from pipeline.core import workers as W
+
+
+def _job(tmp_path, name, code, expected):
+    return W.Job(name, [sys.executable, "-c", code], tmp_path / name / "train.log", expected)
+
+
+def test_resolve_workers_and_threads():
+    assert W.resolve("auto", 14, cuda=False, cores=2) == (2, 1)
+    assert W.resolve("auto", 14, cuda=False, cores=16) == (4, 4)  # at most 4 by default
+    assert W.resolve("auto", 14, cuda=True, cores=16) == (1, 16)  # one device: one at a time
+    assert W.resolve(3, 2, cuda=False, cores=8) == (2, 4)  # never more workers than networks
+    assert W.resolve("auto", 1, cuda=False, cores=2) == (1, 2)
+
+
+def test_makespan_is_longest_first_on_the_free_slot():
+    assert W.makespan([100, 60, 50], 2) == 110
+    assert W.makespan([100, 60, 50], 1) == 210
+    assert W.makespan([30, 30, 30, 30], 2) == 60
+
+
+def test_all_jobs_run_longest_first_with_their_threads(tmp_path, capsys):
+    code = "import os; print('done: threads', os.environ['OMP_NUM_THREADS'])"
+    jobs = [_job(tmp_path, n, code, t) for n, t in (("short", 1.0), ("long", 9.0), ("mid", 5.0))]
+    assert W.run_parallel(jobs, workers=2, threads=1) == 0
+    out = capsys.readouterr().out
+    starts = [ln.split()[-1] for ln in out.splitlines() if " started " in ln]
+    assert starts == ["long", "mid", "short"]
+    assert "3/3 networks trained" in out
+    for n in ("short", "long", "mid"):
+        assert (tmp_path / n / "train.log").read_text().strip() == "done: threads 1"
+
+
+def test_a_failure_lets_the_running_job_finish_starts_no_new_one_and_returns_its_status(tmp_path, capsys):
+    jobs = [_job(tmp_path, "slow", "import time; time.sleep(2); print('done: slow')", 9.0),
+            _job(tmp_path, "bad", "import sys; print('boom: a one-line reason'); sys.exit(3)", 5.0),
+            _job(tmp_path, "never", "print('done: never')", 1.0)]
+    assert W.run_parallel(jobs, workers=2, threads=1) == 3
+    cap = capsys.readouterr()
+    assert "bad FAILED (exit 3)" in cap.err and "boom: a one-line reason" in cap.err
+    assert (tmp_path / "slow" / "train.log").read_text().strip() == "done: slow"  # finished, not killed
+    assert not (tmp_path / "never" / "train.log").exists()  # not started after the failure
