@@ -84,32 +84,31 @@ class MixRegStudy(Study):
 
         s = self.section(cfg)
 
-        def make_set(cfg, p):
-            t = self.point_task(cfg, None, p)
-            g = rng.make_generator(cfg.seed, rng.EVAL, t.d, t.n_points, int(round(100 * p["snr"])))
-            return sample_mixreg(s.n_tasks, t.d, t.n_points, g, snr=t.snr, snr_max=t.snr_max)
+        def set_maker(K: int, n_tasks: int):
+            """The evaluation set of a point: (seed, EVAL, d, n, 100 SNR), plus K for K >= 3 regressors."""
+            def make(cfg, p):
+                v, n, d = float(p["snr"]), int(p["n"]), self.task(cfg).d
+                words = (d, n, int(round(100 * v))) + (() if K == 2 else (K,))
+                g = rng.make_generator(cfg.seed, rng.EVAL, *words)
+                return sample_mixreg(n_tasks, d, n, g, snr=v, snr_max=v, components=K)
+            return make
 
         def methods(cfg, p):
             return [Method("transformer", unit="transformer"), *[Method(m, solver=m) for m in s.methods]]
 
         points = [{"snr": float(v), "n": int(n)} for v in s.snrs for n in s.n_points]
-        grids = [Grid("main", ["snr", "n"], points, make_set, methods, n_tasks=s.n_tasks,
+        grids = [Grid("main", ["snr", "n"], points, set_maker(2, s.n_tasks), methods, n_tasks=s.n_tasks,
                       title=FAMILY.describe(self.task(cfg)))]
         if s.components:
             K = s.components
-
-            def make_k_set(cfg, p):
-                v, n = float(p["snr"]), int(p["n"])
-                t = self.task(cfg)
-                g = rng.make_generator(cfg.seed, rng.EVAL, t.d, n, int(round(100 * v)), K)
-                return sample_mixreg(s.components_tasks, t.d, n, g, snr=v, snr_max=v, components=K)
 
             def k_methods(cfg, p):  # the spectral start is for the symmetric mixture only
                 return [Method("transformer", unit=self.k_unit(cfg)),
                         *[Method(m, solver=m) for m in s.methods if m != "em_spectral"]]
 
             k_points = [{"snr": float(v), "n": int(n)} for v in s.components_snrs for n in s.n_points]
-            grids.append(Grid("components", ["snr", "n"], k_points, make_k_set, k_methods, n_tasks=s.components_tasks,
+            grids.append(Grid("components", ["snr", "n"], k_points, set_maker(K, s.components_tasks), k_methods,
+                              n_tasks=s.components_tasks,
                               title=f"{K} regressors: " + FAMILY.describe(self.task(cfg, components=K))))
         return grids
 
