@@ -179,7 +179,7 @@ def _run(args, cfg, studies: list[str]) -> int:
             expected = P.expected_network_times(cfg, plan)
             jobs = [W.Job(rid, W.child_argv(args, rid), P.run_dir(cfg, rid) / "train.log", expected.get(rid) or 0.0)
                     for rid in todo]
-            return W.run_parallel(jobs, workers, threads)
+            return W.run_parallel(jobs, workers, threads, preload=W.TRAIN_PRELOAD)
         from pipeline.core.train import train
 
         for rid, run in todo.items():
