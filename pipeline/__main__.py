@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     e = sub.add_parser("evaluate", help="evaluate every method on the evaluation sets")
     e.add_argument("--no-track", action="store_true", help="no W&B run")
+    e.add_argument("--force", action="store_true", help="without --study: evaluate studies whose results are "
+                                                         "up to date too")
     rp = sub.add_parser("report", help="write metrics, plots, figures and tables")
     rp.add_argument("--summary", action="store_true", help="then the top-level report too (as `summary`)")
     sub.add_parser("summary", help="write the top-level report (every study, the cross-study probing table)")
@@ -195,19 +197,55 @@ def _run(args, cfg, studies: list[str]) -> int:
             paths = generate(cfg, S.get(name))
             print(f"[{name}] wrote {len(paths)} evaluation sets to {P.data_dir(name)}")
     elif args.command == "evaluate":
-        from pipeline.core.evaluate import evaluate
+        from pipeline.core import workers as W
+        from pipeline.core.evaluate import evaluate, is_evaluated, resolve_device
 
+        if args.study:  # asked for by name: evaluated, whatever its results hold
+            for name in studies:
+                res = evaluate(cfg, S.get(name), track=not args.no_track)
+                print(f"[{name}] done: {len(res['rows'])} result rows -> {P.study_dir(cfg, name) / 'results.json'}")
+            return 0
+        todo = []
         for name in studies:
+            if not args.force and is_evaluated(cfg, name):
+                print(f"[evaluate {name}] up to date (the fingerprint of its inputs): "
+                      f"{P.study_dir(cfg, name) / 'results.json'}")
+            else:
+                todo.append(name)
+        workers, threads = W.resolve(cfg.eval.workers, len(todo), cuda=resolve_device(cfg.eval.device).type == "cuda")
+        if workers > 1:
+            plan = P.resolve_all(cfg, todo)
+            expected = P.expected_evaluation_times(cfg, plan)
+            tail = ["evaluate"] + (["--no-track"] if args.no_track else [])
+            jobs = [W.Job(n, W.pipeline_argv(args) + ["--study", n] + tail, P.study_dir(cfg, n) / "evaluate.log",
+                          expected.get(n) or 0.0) for n in todo]
+            return W.run_parallel(jobs, workers, threads, tag="[evaluate]", preload=W.EVALUATE_PRELOAD,
+                                  noun="studies", verb="evaluated")
+        for name in todo:
             res = evaluate(cfg, S.get(name), track=not args.no_track)
-            print(f"[{name}] {len(res['rows'])} result rows -> {P.study_dir(cfg, name) / 'results.json'}")
+            print(f"[{name}] done: {len(res['rows'])} result rows -> {P.study_dir(cfg, name) / 'results.json'}")
     elif args.command == "report":
         from pipeline.core.report import write_report
         from pipeline.core.results import load_results
 
-        for name in studies:
-            st = S.get(name)
-            res = load_results(P.study_dir(cfg, name) / "results.json", f"python -m pipeline --study {name} evaluate")
-            for p in write_report(cfg, st, res, P.study_dir(cfg, name) / "report"):
+        results = {name: load_results(P.study_dir(cfg, name) / "results.json",
+                                      f"python -m pipeline --study {name} evaluate") for name in studies}
+        from pipeline.core.workers import cpu_cores
+
+        n_proc = min(len(studies), cpu_cores(), 4)
+        if n_proc > 1:  # figures are most of the stage, one core each (matplotlib): studies side by side
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+            with ProcessPoolExecutor(n_proc, mp_context=ctx) as pool:
+                futures = [pool.submit(write_report, cfg, S.get(n), results[n], P.study_dir(cfg, n) / "report")
+                           for n in studies]
+                written = [f.result() for f in futures]
+        else:
+            written = [write_report(cfg, S.get(n), results[n], P.study_dir(cfg, n) / "report") for n in studies]
+        for paths in written:
+            for p in paths:
                 print(p)
         if args.summary:
             from pipeline.core.report import write_summary

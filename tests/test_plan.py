@@ -108,7 +108,7 @@ def test_committed_plan_and_dvc_yaml_are_up_to_date():
 def test_dvc_yaml_has_no_hand_kept_params_lists():
     text = (REPO / "dvc.yaml").read_text()
     assert text.count("params.yaml:") == 1  # only the plan stage reads params; every other stage reads its plan file
-    assert "python -m pipeline train" in text and "plans/runs/linreg-main.json" in text and "evaluate-linreg" in text
+    assert "python -m pipeline train" in text and "plans/runs/linreg-main.json" in text and "python -m pipeline evaluate" in text
 
 
 def test_default_pipeline_declares_every_stage_and_fits_its_budget():
@@ -134,7 +134,8 @@ def test_expected_times_count_a_shared_network_once_and_flag_overruns():
     assert nets["tgmm-d2"] == 100  # robustness' n0_16 is the same network: tgmm's figure, once
     assert nets["robustness-n0_8"] == 50
     times = P.expected_times(cfg, plan)
-    assert times["evaluate-tgmm"] == 10 and times["generate"] is None  # one stage for every study: undeclared here
+    assert P.expected_evaluation_times(cfg, plan)["tgmm"] == 10
+    assert times["evaluate"] is None and times["generate"] is None  # one stage for every study: robustness undeclared
     text, total = P.budget_table(cfg, plan)
     assert "OVER by" in text.splitlines()[-1] and "not declared" in text
 
@@ -177,3 +178,26 @@ def test_expected_times_rerun_nothing():
     for name in pa.studies:
         assert P.study_file(a, pa, name) == P.study_file(b, pb, name)
         assert P.data_file(a, name) == P.data_file(b, name)
+
+
+def test_evaluation_fingerprint_follows_its_own_inputs_only(tmp_path, monkeypatch):
+    """The evaluate command skips a study whose results carry this: it must change with the study's
+    sets, its section (a --set override too) and its networks' files, and not with another study's."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "tgmm").mkdir(parents=True)
+    (tmp_path / "data" / "tgmm" / "a.npz").write_bytes(b"one")
+    cfg = _cfg(**{"out_dir": str(tmp_path / "out")})
+    plan = P.resolve(cfg)
+    fp = P.evaluation_fingerprint(cfg, plan, "tgmm")
+    assert P.evaluation_fingerprint(cfg, plan, "tgmm") == fp  # deterministic
+    other = _cfg(**{"out_dir": str(tmp_path / "out"), "robustness.n_tasks": 3})
+    assert P.evaluation_fingerprint(other, P.resolve(other), "tgmm") == fp  # another study's key
+    mine = _cfg(**{"out_dir": str(tmp_path / "out"), "tgmm.n_tasks": 3})
+    assert P.evaluation_fingerprint(mine, P.resolve(mine), "tgmm") != fp  # its own key
+    (tmp_path / "data" / "tgmm" / "a.npz").write_bytes(b"two")
+    assert P.evaluation_fingerprint(cfg, plan, "tgmm") != fp  # its evaluation sets
+    fp2 = P.evaluation_fingerprint(cfg, plan, "tgmm")
+    model = tmp_path / "out" / "runs" / "tgmm-d2" / "model.safetensors"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"weights")
+    assert P.evaluation_fingerprint(cfg, plan, "tgmm") != fp2  # its network

@@ -117,6 +117,9 @@ NOT_IDENTITY = {"train": ("log_every", "ckpt_every", "val_every", "devices", "ac
 class EvalConfig:
     chunk_size: int = _f(512, "tasks per solver call (bounds memory; results do not depend on it)", min=1)
     device: str = _f("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    workers: Any = _f("auto", "studies the evaluate command evaluates at once, each in its own process: auto = "
+                              "one per CPU core (at most 4), one at a time on a CUDA device",
+                      types=(int, str))
 
 
 @dataclass

@@ -167,9 +167,26 @@ class _Networks:
             self.solvers[unit] = NetworkSolver(net, name=unit)
 
 
+def is_evaluated(cfg: Config, name: str) -> bool:
+    """True if the study's results.json was written from exactly its current inputs (the
+    fingerprint evaluate() stores): the evaluate command then skips it."""
+    import json
+
+    path = P.study_dir(cfg, name) / "results.json"
+    try:
+        meta = json.loads(path.read_text()).get("meta", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    plan = P.resolve_all(cfg, [name])
+    return meta.get("inputs") == P.evaluation_fingerprint(cfg, plan, name)
+
+
 def evaluate(cfg: Config, study, root: Path | None = None, track: bool = True, progress: bool = True) -> dict:
-    """Every declared grid x point x method; returns (and writes) the results."""
+    """Every declared grid x point x method; returns (and writes) the results, with the fingerprint
+    of their inputs (is_evaluated)."""
     from pipeline.core import tracking
+
+    inputs = P.evaluation_fingerprint(cfg, P.resolve_all(cfg, [study.name]), study.name) if root is None else None
 
     fam = F.get(study.family)
     grids = study.grids(cfg)
@@ -214,7 +231,7 @@ def evaluate(cfg: Config, study, root: Path | None = None, track: bool = True, p
     probe_rows, probes = run_study_probes(cfg, study, sets, nets, device, solver_params, progress=progress)
     rows += probe_rows
     results = {"study": study.name, "family": study.family, "title": study.title, "rows": rows,
-               "meta": {"device": str(device), "seconds": time.perf_counter() - t_start,
+               "meta": {"inputs": inputs, "device": str(device), "seconds": time.perf_counter() - t_start,
                         "networks": nets.run_of, "probes": probes,
                         "grids": {g.name: {"axes": g.axes, "points": g.points, "n_tasks": g.n_tasks,
                                            "title": g.title} for g in grids}}}

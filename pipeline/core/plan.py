@@ -131,6 +131,16 @@ def expected_network_times(cfg: Config, plan: Plan) -> dict[str, float | None]:
     return out
 
 
+def expected_evaluation_times(cfg: Config, plan: Plan) -> dict[str, float | None]:
+    """Each study's expected evaluation wall time (s), evaluated beside another on the reference
+    machine (one thread each), from `expected_s.evaluate`; None where none is declared."""
+    out = {}
+    for name in plan.studies:
+        sec = cfg.section(name).expected_s.get("evaluate")
+        out[name] = None if sec is None else float(sec)
+    return out
+
+
 def expected_times(cfg: Config, plan: Plan) -> dict[str, float | None]:
     """Each dvc stage's expected wall time (s) on the reference machine, from the studies'
     `expected_s` and `sweeps`; None where a study declares none. The train stage trains its networks
@@ -145,10 +155,13 @@ def expected_times(cfg: Config, plan: Plan) -> dict[str, float | None]:
         n_workers, _ = W.resolve(cfg.train.workers, len(nets), cuda=False, cores=REFERENCE_CORES)
         known = [t for t in nets.values() if t is not None]
         out["train"] = W.makespan(known, n_workers) if known else None  # undeclared ones: flagged by budget_table
+    evals = expected_evaluation_times(cfg, plan)
+    if evals:  # the evaluate stage: the studies REFERENCE_CORES at a time, longest first, like train
+        n_workers, _ = W.resolve(cfg.eval.workers, len(evals), cuda=False, cores=REFERENCE_CORES)
+        out["evaluate"] = None if any(t is None for t in evals.values()) else W.makespan(list(evals.values()), n_workers)
     shared = {"generate": [], "report": []}
     for name in plan.studies:
         exp = cfg.section(name).expected_s
-        out[f"evaluate-{name}"] = None if exp.get("evaluate") is None else float(exp["evaluate"])
         for kind in shared:
             shared[kind].append(exp.get(kind))
     for kind, vals in shared.items():  # one stage for every study: the sum of their shares
@@ -181,9 +194,19 @@ def budget_table(cfg: Config, plan: Plan) -> tuple[str, float]:
             for rid, t in sorted(nets.items(), key=lambda kv: -(kv[1] or 0)):
                 lines.append(f"    {rid:<{width - 2}}  {fmt(t)}")
             continue
+        if k == "evaluate":
+            evals = expected_evaluation_times(cfg, plan)
+            n_workers, _ = W.resolve(cfg.eval.workers, len(evals), cuda=False, cores=REFERENCE_CORES)
+            lines.append(f"  {k:<{width}}  {fmt(times.get(k))}  ({len(evals)} studies, {n_workers} at a time, "
+                         "longest first:)")
+            for name, t in sorted(evals.items(), key=lambda kv: -(kv[1] or 0)):
+                lines.append(f"    {name:<{width - 2}}  {fmt(t)}")
+            continue
         lines.append(f"  {k:<{width}}  {fmt(times.get(k))}")
     total = sum(t for t in times.values() if t is not None)
-    missing = [k for k in order if times.get(k) is None and k != "train"] + [r for r, t in nets.items() if t is None]
+    missing = ([k for k in order if times.get(k) is None and k not in ("train", "evaluate")]
+               + [r for r, t in nets.items() if t is None]
+               + [f"evaluate {n}" for n, t in expected_evaluation_times(cfg, plan).items() if t is None])
     budget = 60 * cfg.budget_minutes
     verdict = "within" if total <= budget else f"OVER by {(total - budget) / 60:.1f} min:"
     lines.append(f"  {'total':<{width}}  {total:7.0f} s = {total / 60:.1f} min, {verdict} the budget of "
@@ -237,7 +260,7 @@ def study_file(cfg: Config, plan: Plan, name: str) -> dict:
     section = {k: v for k, v in dataclasses.asdict(st.section(cfg)).items() if k != "expected_s"}
     return {"study": name, "family": st.family, "seed": cfg.seed, "section": section,
             "task": dataclasses.asdict(cfg.task[st.family]), "baselines": st.solver_params(cfg),
-            "eval": dataclasses.asdict(cfg.eval),
+            "eval": {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k != "workers"},  # speed only
             "networks": {u: {"run": r, "fingerprint": plan.fingerprints[r]} for u, r in sp.networks.items()}}
 
 
@@ -320,6 +343,44 @@ def _inputs(plan: Plan) -> list[str]:
     return list(dict.fromkeys(i for name in plan.studies for i in S.get(name).inputs))
 
 
+def _family_dirs(study) -> list[str]:
+    from pipeline.core import family as F
+
+    return [f"pipeline/families/{f}" for f in F.family_names_with_uses(study.family)]
+
+
+def evaluate_inputs(cfg: Config, plan: Plan, name: str) -> list[str]:
+    """What a study's evaluation reads: its evaluation sets, its plan, its networks and the code."""
+    from pipeline import studies as S
+
+    models = sorted({f"{cfg.out_dir}/runs/{r}/model.safetensors" for r in plan.studies[name].networks.values()})
+    return [f"data/{name}", f"plans/studies/{name}.json", *models, "pipeline/core/evaluate.py",
+            "pipeline/core/network.py", "pipeline/core/results.py", "pipeline/core/probe.py", "pipeline/algorithms",
+            *_family_dirs(S.get(name)), f"pipeline/studies/{name}.py"]
+
+
+_PROJECT = Path(__file__).resolve().parents[2]  # the folder holding the pipeline package
+
+
+def evaluation_fingerprint(cfg: Config, plan: Plan, name: str) -> str:
+    """Hash of everything a study's evaluation reads (evaluate_inputs): the study's resolved plan as
+    this configuration makes it (so a --set override counts) and the bytes of every other input file.
+    The evaluate command stores it in results.json and skips a study whose results carry it."""
+    import hashlib
+
+    h = hashlib.sha256(_dump(study_file(cfg, plan, name)).encode())
+    for dep in evaluate_inputs(cfg, plan, name):
+        if dep == f"plans/studies/{name}.json":
+            continue
+        path = _PROJECT / dep if dep.startswith("pipeline/") else Path(dep)  # the code: wherever it is installed
+        files = sorted(f for f in path.rglob("*") if f.is_file() and "__pycache__" not in f.parts) \
+            if path.is_dir() else [path]
+        for f in files:
+            h.update(str(f.relative_to(_PROJECT) if f.is_relative_to(_PROJECT) else f).encode())
+            h.update(f.read_bytes() if f.is_file() else b"<missing>")
+    return h.hexdigest()[:16]
+
+
 def dvc_stages(cfg: Config, plan: Plan, sweeps_root: Path = Path("sweeps")) -> dict:
     from pipeline import studies as S
 
@@ -347,13 +408,10 @@ def dvc_stages(cfg: Config, plan: Plan, sweeps_root: Path = Path("sweeps")) -> d
             metrics.append({f"{d}/metrics.json": {"persist": True, "cache": False}})
         stages["train"] = {"cmd": "python -m pipeline train", "deps": [f"plans/runs/{rid}.json" for rid in plan.runs],
                            "outs": outs, "metrics": metrics}
-    from pipeline.core import family as F
-
-    def fams(st) -> list[str]:
-        return [f"pipeline/families/{f}" for f in F.family_names_with_uses(st.family)]
+    fams = _family_dirs
 
     # One stage writes every study's evaluation sets and one every study's report (each a process
-    # start of ~4 s on a 2-core CPU saved per study); the evaluations stay a stage per study.
+    # start of ~4 s on a 2-core CPU saved per study).
     names = list(plan.studies)
     gen_deps = [f"plans/data/{n}.json" for n in names] + ["pipeline/core/rng.py", "pipeline/core/arrays.py"]
     for n in names:
@@ -362,16 +420,14 @@ def dvc_stages(cfg: Config, plan: Plan, sweeps_root: Path = Path("sweeps")) -> d
     if names:
         stages["generate"] = {"cmd": "python -m pipeline generate", "deps": list(dict.fromkeys(gen_deps)),
                               "outs": [f"data/{n}" for n in names]}
-    for name, sp in plan.studies.items():
-        st = S.get(name)
-        sdir = f"{out}/{name}"
-        models = sorted({f"{out}/runs/{r}/model.safetensors" for r in sp.networks.values()})
-        stages[f"evaluate-{name}"] = {
-            "cmd": f"python -m pipeline --study {name} evaluate",
-            "deps": [f"data/{name}", f"plans/studies/{name}.json", *models, "pipeline/core/evaluate.py",
-                     "pipeline/core/network.py", "pipeline/core/results.py", "pipeline/core/probe.py", "pipeline/algorithms",
-                     *fams(st), f"pipeline/studies/{name}.py"],
-            "outs": [{f"{sdir}/results.json": {"cache": False}}],
+    # One stage evaluates every study, several at once on a CPU (core/workers.py); a study whose
+    # results.json carries the fingerprint of its inputs (evaluate_inputs) is skipped, so changing one
+    # study's params re-evaluates that study only. Its outputs persist: DVC does not delete them first.
+    if names:
+        stages["evaluate"] = {
+            "cmd": "python -m pipeline evaluate",
+            "deps": list(dict.fromkeys(d for n in names for d in evaluate_inputs(cfg, plan, n))),
+            "outs": [{f"{out}/{n}/results.json": {"cache": False, "persist": True}} for n in names],
         }
     stages["report"] = {
         "cmd": "python -m pipeline report --summary",

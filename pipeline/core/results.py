@@ -46,9 +46,9 @@ def summarize(values: ArrayLike) -> dict:
     if n == 1:
         return {"mean": mean, "std": nan, "ci95": nan, "median": mean, "n": 1}
     std = float(v.std(ddof=1))
-    from scipy import stats  # here, not at import: scipy.stats costs 0.7 s in every stage's start-up
+    from scipy.special import stdtrit  # = scipy.stats.t.ppf, without scipy.stats' 1.1-1.5 s import
 
-    ci95 = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
+    ci95 = float(stdtrit(n - 1, 0.975) * std / math.sqrt(n))
     return {"mean": mean, "std": std, "ci95": ci95, "median": float(np.median(v)), "n": n}
 
 

@@ -1,4 +1,4 @@
-"""Train several networks at once: the `train` command's scheduler.
+"""Train several networks (or evaluate several studies) at once: the `train` and `evaluate` scheduler.
 
 Why: on a CPU the pipeline's networks are small (width 64, tens of tokens), and two threads make a
 train step only 1.0-1.5x faster than one (docs/speed.md), so two networks trained side by side,
@@ -141,7 +141,7 @@ def _last_line(path: Path, marker: str) -> str:
 
 
 def run_parallel(jobs: list[Job], workers: int, threads: int, tag: str = "[train]",
-                 preload: list[str] | None = None) -> int:
+                 preload: list[str] | None = None, noun: str = "networks", verb: str = "trained") -> int:
     """Run the jobs, `workers` at a time, longest expected first; each with `threads` CPU threads.
     With `preload` (module names) each job is forked from a forkserver that imported them once;
     without it each is a subprocess. Returns 0, or the exit status of the first job that failed
@@ -157,7 +157,7 @@ def run_parallel(jobs: list[Job], workers: int, threads: int, tag: str = "[train
     failed: list[tuple[Job, int]] = []
     done = 0
     t0 = time.monotonic()
-    print(f"{tag} {len(jobs)} networks, {workers} at a time, {threads} thread(s) each; "
+    print(f"{tag} {len(jobs)} {noun}, {workers} at a time, {threads} thread(s) each; "
           f"each one's output: <run dir>/train.log", flush=True)
 
     def stop_all(signum, _frame):
@@ -207,7 +207,7 @@ def run_parallel(jobs: list[Job], workers: int, threads: int, tag: str = "[train
         if ctx is not None:
             os.environ.clear()
             os.environ.update(saved)
-    print(f"{tag} {done - len(failed)}/{len(jobs)} networks trained in {time.monotonic() - t0:.1f} s", flush=True)
+    print(f"{tag} {done - len(failed)}/{len(jobs)} {noun} {verb} in {time.monotonic() - t0:.1f} s", flush=True)
     return failed[0][1] if failed else 0
 
 
@@ -228,19 +228,26 @@ def is_trained(run, run_dir: Path) -> bool:
         return False
 
 
-# What a forked train job would otherwise import itself (`python -m pipeline ... train`).
+# What a forked job would otherwise import itself (`python -m pipeline ... train` / `evaluate`).
 TRAIN_PRELOAD = ["pipeline.__main__", "pipeline.core.train", "wandb", "wandb.sdk.launch.inputs.internal"]
+EVALUATE_PRELOAD = ["pipeline.__main__", "pipeline.core.evaluate", "pipeline.core.probe", "pipeline.studies",
+                    "scipy.special", "wandb", "wandb.sdk.launch.inputs.internal"]
 
 
-def child_argv(args, run_id: str) -> list[str]:
-    """The command line that trains one network in a process of its own, with the same parameters
-    (params file, profile, overrides) as this command."""
+def pipeline_argv(args) -> list[str]:
+    """`python -m pipeline` with the same parameters (params file, profile, overrides) as this command."""
     argv = [sys.executable, "-m", "pipeline", "--params", args.params]
     if args.profile:
         argv += ["--profile", args.profile]
     for kv in args.overrides:
         argv += ["--set", kv]
-    argv += ["train", "--run", run_id]
+    return argv
+
+
+def child_argv(args, run_id: str) -> list[str]:
+    """The command line that trains one network in a process of its own, with the same parameters
+    (params file, profile, overrides) as this command."""
+    argv = pipeline_argv(args) + ["train", "--run", run_id]
     if args.no_track:
         argv.append("--no-track")
     if args.no_resume:
