@@ -150,15 +150,19 @@ def expected_times(cfg: Config, plan: Plan) -> dict[str, float | None]:
     out: dict[str, float | None] = {"plan": PLAN_STAGE_S}
     for stage in _inputs(plan):
         out[stage] = INPUT_STAGES[stage][3]
+    def makespan(items: dict, setting, declared_only: bool) -> float | None:
+        n_workers, _ = W.resolve(setting, len(items), cuda=False, cores=REFERENCE_CORES)
+        known = [t for t in items.values() if t is not None]
+        if not known or (not declared_only and len(known) < len(items)):
+            return None
+        return W.makespan(known, n_workers)
+
     nets = expected_network_times(cfg, plan)
-    if nets:
-        n_workers, _ = W.resolve(cfg.train.workers, len(nets), cuda=False, cores=REFERENCE_CORES)
-        known = [t for t in nets.values() if t is not None]
-        out["train"] = W.makespan(known, n_workers) if known else None  # undeclared ones: flagged by budget_table
+    if nets:  # undeclared networks: flagged by budget_table
+        out["train"] = makespan(nets, cfg.train.workers, declared_only=True)
     evals = expected_evaluation_times(cfg, plan)
     if evals:  # the evaluate stage: the studies REFERENCE_CORES at a time, longest first, like train
-        n_workers, _ = W.resolve(cfg.eval.workers, len(evals), cuda=False, cores=REFERENCE_CORES)
-        out["evaluate"] = None if any(t is None for t in evals.values()) else W.makespan(list(evals.values()), n_workers)
+        out["evaluate"] = makespan(evals, cfg.eval.workers, declared_only=False)
     shared = {"generate": [], "report": []}
     for name in plan.studies:
         exp = cfg.section(name).expected_s
@@ -178,35 +182,30 @@ def budget_table(cfg: Config, plan: Plan) -> tuple[str, float]:
     from pipeline.core import workers as W
 
     times = expected_times(cfg, plan)
-    nets = expected_network_times(cfg, plan)
+    # the stages that run their items REFERENCE_CORES at a time (core/workers.py): stage -> (items, setting, noun)
+    scheduled = {"train": (expected_network_times(cfg, plan), cfg.train.workers, "networks"),
+                 "evaluate": (expected_evaluation_times(cfg, plan), cfg.eval.workers, "studies")}
     order = list(dvc_stages(cfg, plan))
-    width = max([len(k) for k in order] + [len(r) + 4 for r in nets])
+    width = max([len(k) for k in order] + [len(r) + 4 for items, _, _ in scheduled.values() for r in items])
     lines = [f"planned stages (expected wall time on the reference machine, {REFERENCE_CORES} CPU cores):"]
 
     def fmt(t):
         return "not declared" if t is None else f"{t:7.0f} s"
 
+    missing = []
     for k in order:
-        if k == "train" and nets:
-            n_workers, _ = W.resolve(cfg.train.workers, len(nets), cuda=False, cores=REFERENCE_CORES)
-            lines.append(f"  {k:<{width}}  {fmt(times.get(k))}  ({len(nets)} networks, {n_workers} at a time, "
-                         "longest first:)")
-            for rid, t in sorted(nets.items(), key=lambda kv: -(kv[1] or 0)):
-                lines.append(f"    {rid:<{width - 2}}  {fmt(t)}")
+        items, setting, noun = scheduled.get(k, ({}, None, ""))
+        if not items:
+            lines.append(f"  {k:<{width}}  {fmt(times.get(k))}")
+            missing += [k] if times.get(k) is None else []
             continue
-        if k == "evaluate":
-            evals = expected_evaluation_times(cfg, plan)
-            n_workers, _ = W.resolve(cfg.eval.workers, len(evals), cuda=False, cores=REFERENCE_CORES)
-            lines.append(f"  {k:<{width}}  {fmt(times.get(k))}  ({len(evals)} studies, {n_workers} at a time, "
-                         "longest first:)")
-            for name, t in sorted(evals.items(), key=lambda kv: -(kv[1] or 0)):
-                lines.append(f"    {name:<{width - 2}}  {fmt(t)}")
-            continue
-        lines.append(f"  {k:<{width}}  {fmt(times.get(k))}")
+        n_workers, _ = W.resolve(setting, len(items), cuda=False, cores=REFERENCE_CORES)
+        lines.append(f"  {k:<{width}}  {fmt(times.get(k))}  ({len(items)} {noun}, {n_workers} at a time, "
+                     "longest first:)")
+        for name, t in sorted(items.items(), key=lambda kv: -(kv[1] or 0)):
+            lines.append(f"    {name:<{width - 2}}  {fmt(t)}")
+        missing += [f"{k} {name}" for name, t in items.items() if t is None]
     total = sum(t for t in times.values() if t is not None)
-    missing = ([k for k in order if times.get(k) is None and k not in ("train", "evaluate")]
-               + [r for r, t in nets.items() if t is None]
-               + [f"evaluate {n}" for n, t in expected_evaluation_times(cfg, plan).items() if t is None])
     budget = 60 * cfg.budget_minutes
     verdict = "within" if total <= budget else f"OVER by {(total - budget) / 60:.1f} min:"
     lines.append(f"  {'total':<{width}}  {total:7.0f} s = {total / 60:.1f} min, {verdict} the budget of "
