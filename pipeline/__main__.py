@@ -230,9 +230,9 @@ def _run(args, cfg, studies: list[str]) -> int:
 
         results = {name: load_results(P.study_dir(cfg, name) / "results.json",
                                       f"python -m pipeline --study {name} evaluate") for name in studies}
-        from pipeline.core.workers import cpu_cores
+        from pipeline.core.workers import resolve
 
-        n_proc = min(len(studies), cpu_cores(), 4)
+        n_proc, _ = resolve("auto", len(studies), cuda=False)  # one process per core, as many as train uses
         if n_proc > 1:  # figures are most of the stage, one core each (matplotlib): studies side by side
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor

@@ -157,6 +157,15 @@ def test_train_stage_time_is_the_makespan_of_its_networks_two_at_a_time():
     assert W.resolve("auto", 3, cuda=True, cores=16) == (1, 16) and W.resolve(3, 2, cuda=False, cores=8) == (2, 4)
 
 
+def test_report_stage_time_is_the_studies_side_by_side_plus_the_summary():
+    cfg = _cfg(**{"studies": ["tgmm", "robustness", "linreg"], "tgmm.expected_s": {"report": 10},
+                  "robustness.expected_s": {"report": 6}, "linreg.expected_s": {"report": 5, "generate": 2}})
+    times = P.expected_times(cfg, P.resolve(cfg))
+    # figures on 2 processes, longest first: {10}, {6, 5} -> 11, then the summary
+    assert times["report"] == pytest.approx(11 + P.SUMMARY_STAGE_S)
+    assert times["generate"] is None  # undeclared for two of the studies
+
+
 @pytest.mark.parametrize("over, key", [
     ({"tgmm.expected_s": {"trian": 5}}, "tgmm.expected_s.trian"),
     ({"tgmm.expected_s": {"train": {"d3": 5}}}, "tgmm.expected_s.train.d3"),

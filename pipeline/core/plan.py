@@ -168,10 +168,13 @@ def expected_times(cfg: Config, plan: Plan) -> dict[str, float | None]:
         exp = cfg.section(name).expected_s
         for kind in shared:
             shared[kind].append(exp.get(kind))
-    for kind, vals in shared.items():  # one stage for every study: the sum of their shares
-        if vals:
-            out[kind] = None if any(v is None for v in vals) else float(sum(vals))
-    out["report"] = None if out.get("report") is None else out["report"] + SUMMARY_STAGE_S  # it writes the summary
+    for kind, vals in shared.items():  # one stage for every study
+        if vals and any(v is None for v in vals):
+            out[kind] = None
+        elif vals and kind == "report":  # the studies' figures side by side, then the summary
+            out[kind] = makespan(dict(enumerate(vals)), "auto", declared_only=True) + SUMMARY_STAGE_S
+        elif vals:  # generate: one after another (each is a second or two)
+            out[kind] = float(sum(vals))
     for name, sec in cfg.sweeps.items():
         out[f"sweep-{name}"] = float(sec)
     return out
