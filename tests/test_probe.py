@@ -120,3 +120,34 @@ def test_multi_output_probe_recovers_a_planted_readout():
     res = probe.run_probe(LOGREG, LogRegTask(), ModelConfig(), None, states_fn, fit, held, {"newton": [0, 5]}, {})
     assert res.layer_error.shape == (2, 128) and res.layer_error.max() < 1e-8
     assert res.step_error["newton"].shape == (2, 128)
+
+
+def test_probe_best_steps_figure_spans_the_probed_steps(tmp_path, monkeypatch):
+    """The best-step figure: one CSV row per (algorithm, probe, layer), and each panel's y-axis spans
+    the probed step grid (a flat line of best steps must not fill the panel as if it were the range)."""
+    import csv
+
+    import matplotlib.pyplot as plt
+
+    from pipeline.core import report
+
+    results = {"meta": {"probes": {
+        "transformer": {"algorithms": {"em": {"best_steps": [1, 1, 1], "log_steps": True, "steps": [1, 2, 4, 8, 16]},
+                                       "newton": {"best_steps": [0, 2, 5], "log_steps": False,
+                                                  "steps": list(range(13))}}},
+        "lstm": {"algorithms": {"newton": {"best_steps": [0, 1, 1], "log_steps": False, "steps": list(range(13))}}}}}}
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    png = report.probe_best_steps_figure(results, tmp_path / "f.png", tmp_path / "f.csv")
+    assert png.is_file() and png.stat().st_size > 0
+    rows = list(csv.DictReader(open(tmp_path / "f.csv")))
+    assert len(rows) == 3 + 3 + 3
+    assert [r["value"] for r in rows if r["panel"] == "newton" and r["series"] == "transformer"] == ["0", "2", "5"]
+    em, newton = figs[0].axes
+    assert em.get_title() == "em" and em.get_yscale() == "symlog"
+    lo, hi = em.get_ylim()
+    assert lo == 0 and hi >= 16
+    lo, hi = newton.get_ylim()
+    assert lo == 0 and hi >= 12
+    assert all(float(t).is_integer() for t in newton.get_xticks())
+    assert figs[0].get_size_inches()[0] >= 6.4

@@ -47,11 +47,12 @@ def _spec(name: str, steps: int, layers: list[int], max_concurrent: int, every: 
             "resources": {"cpu": 1, "gpu": 0}, "max_concurrent": max_concurrent, "max_failures": 2, **extra}
 
 
-# The interrupted / lost trials must outlive their first checkpoint by a few seconds (a tiny network
-# trains ~30 steps/s on one thread); fewer checkpoints than one per 10 steps keep Tune's overhead low.
+# The interrupted / lost trials must outlive their second checkpoint (see _registered_checkpoint) by
+# several seconds (a tiny network trains 15-30 steps/s on one thread); fewer checkpoints than one per
+# 10 steps keep Tune's overhead low.
 EVERY = 50
-RESUME_STEPS = 200
-NODELOSS_STEPS = 200
+RESUME_STEPS = 300
+NODELOSS_STEPS = 300
 
 
 @pytest.fixture
@@ -175,6 +176,15 @@ def _wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = N
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def _registered_checkpoint(trial_dir: Path) -> bool:
+    """Whether Tune has registered one of this trial's checkpoints. A `checkpoint_00000k` folder
+    appears when the trial's process writes it, before the driver has processed the report (a
+    node lost or a Ctrl+C in that window restarts the trial from step 0). A function trainable
+    does not train on until the driver has processed its last report and saved that checkpoint, so
+    a second folder proves the first is registered."""
+    return any(int(c.name.rsplit("_", 1)[1]) >= 1 for c in trial_dir.glob("checkpoint_*"))
+
+
 def _stop(proc: subprocess.Popen):
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
@@ -256,8 +266,8 @@ def test_interrupt_and_resume(tmp_path, sweep_env):
         first = _wait_for(lambda: list(sdir.glob("trials/*/metrics.json")), 150, "the first trial to finish", proc)
         first_id = first[0].parent.name
         # ... and the second to have reported a checkpoint to Tune; then Ctrl+C the driver.
-        second = _wait_for(lambda: [p.parent.name for p in exp.glob("*/checkpoint_*") if p.parent.name != first_id],
-                           90, "a checkpoint of the second trial", proc)[0]
+        second = _wait_for(lambda: [t.name for t in exp.glob("*/") if t.name != first_id and _registered_checkpoint(t)],
+                           90, "a registered checkpoint of the second trial", proc)[0]
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(90)
     finally:
@@ -333,11 +343,11 @@ def test_two_node_cluster_survives_losing_the_worker(tmp_path, sweep_env):
             def on_worker_with_checkpoint():
                 for f in sdir.glob("trials/*/attempts.jsonl"):
                     att = _attempts(sdir, f.parent.name)
-                    if att and att[0]["node_id"] == worker_id and list((exp / f.parent.name).glob("checkpoint_*")):
+                    if att and att[0]["node_id"] == worker_id and _registered_checkpoint(exp / f.parent.name):
                         return f.parent.name
                 return None
 
-            victim = _wait_for(on_worker_with_checkpoint, 150, "a trial on the worker node to checkpoint", proc)
+            victim = _wait_for(on_worker_with_checkpoint, 150, "a trial on the worker node to register a checkpoint", proc)
             assert not (sdir / "trials" / victim / "metrics.json").exists(), "trial finished before the node loss"
             cluster.remove_node(worker)  # the node dies mid-trial
             rc = proc.wait(300)

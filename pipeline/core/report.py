@@ -22,6 +22,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pipeline.core import family as F  # noqa: E402
 from pipeline.core.results import num  # noqa: E402
@@ -310,25 +311,28 @@ def probe_best_steps_figure(results: dict, path: Path, csv_path: Path) -> Path:
     """Panels per algorithm, one line per probe: the best-matching step of every layer (+ a dvc-plots CSV)."""
     probes = results["meta"]["probes"]
     algs = list(dict.fromkeys(a for p in probes.values() for a in p["algorithms"]))
-    fig, axes = plt.subplots(1, len(algs), figsize=(4.4 * len(algs), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(algs), figsize=(max(6.4, 4.4 * len(algs)), 3.6), squeeze=False)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["panel", "series", "layer", "value"])
         for ax, a in zip(axes[0], algs):
-            log = False
+            log, grid = False, [0]
             for name, p in probes.items():
                 if a not in p["algorithms"]:
                     continue
                 best = p["algorithms"][a]["best_steps"]
                 log = log or p["algorithms"][a]["log_steps"]
+                grid += p["algorithms"][a].get("steps", best)
                 ax.plot(range(len(best)), best, marker="o", ms=3.5, lw=1.4, label=name)
                 for layer, k in enumerate(best):
                     w.writerow([a, name, layer, k])
             if log:
                 ax.set_yscale("symlog", base=2, linthresh=1)
+            ax.set_ylim(min(grid), max(grid) * (1.25 if log else 1.05) + 0.25)  # the probed range, not the best steps
             ax.set_title(a, fontsize=9)
             ax.set_xlabel("layer (0 = read-in)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
             ax.set_ylabel("best-matching step")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
