@@ -52,3 +52,20 @@ def test_anchor_style_model_trains_on_the_projects_tasks():
     for K, (logits, means, scales) in out.items():
         assert logits.shape == (run.train.batch_size, K) and means.shape == (run.train.batch_size, K, t.d)
         assert scales is None
+
+
+def test_vs_anchor_reports_the_median_of_paired_step_ratios(monkeypatch, capsys):
+    """`bench --vs-anchor` (shrunk from paper size for the test): both models step on the same tasks, and
+    the speed-up is the median of the per-step ratios (anchor / project), not a ratio of medians."""
+    pytest.importorskip("transformers")
+    import statistics
+
+    from pipeline.bench import anchor as A
+
+    monkeypatch.setattr(A, "PAPER_SIZE", {"model": {"backbone": "transformer", "n_layer": 1, "n_head": 2, "n_embd": 16},
+                                          "task": {"d": 2, "n0": 16, "ks": [2, 3]}, "train": {"batch_size": 4}})
+    res = A.run(make_run("gmm"), steps=3, warmup=1, device="cpu", precision="32-true")
+    assert len(res["ratios"]) == 3 and res["ratios"] == sorted(res["ratios"])
+    assert res["speedup"] == statistics.median(res["ratios"]) and res["project_s"] > 0 and res["anchor_s"] > 0
+    out = capsys.readouterr().out
+    assert "1 layers x 2 heads x width 16" in out and "median of the 3 per-step ratios" in out
