@@ -321,9 +321,10 @@ def probe_best_steps_figure(results: dict, path: Path, csv_path: Path) -> Path:
             for name, p in probes.items():
                 if a not in p["algorithms"]:
                     continue
-                best = p["algorithms"][a]["best_steps"]
-                log = log or p["algorithms"][a]["log_steps"]
-                grid += p["algorithms"][a].get("steps", best)
+                alg = p["algorithms"][a]
+                best = alg["best_steps"]
+                log = log or alg["log_steps"]
+                grid += alg["steps"]
                 ax.plot(range(len(best)), best, marker="o", ms=3.5, lw=1.4, label=name)
                 for layer, k in enumerate(best):
                     w.writerow([a, name, layer, k])
