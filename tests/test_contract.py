@@ -182,6 +182,23 @@ def test_gmm_sample_size_warmup():
     assert all(torch.equal(a[k].x, b[k].x) for k in a)
 
 
+def test_gmm_sample_size_warmup_linear():
+    """n0_warmup_shape linear: N0 rises from round(ratio * n0) at step 0 to n0 at n0_warmup_steps
+    (never above n0, never below the start), each step's N ~ U[N0/2, N0]."""
+    from pipeline.families.gmm.config import n0_at
+
+    fam = F.get("gmm")
+    t = make_run("gmm", task={"n0": 128, "n0_warmup_steps": 100, "n0_warmup_ratio": 0.25,
+                              "n0_warmup_shape": "linear"}).task
+    n0s = [n0_at(t, s) for s in range(0, 130)]
+    assert n0s[0] == 32 and n0s[50] == 80 and n0s[99] < 128 and set(n0s[100:]) == {128}
+    assert all(a <= b for a, b in zip(n0s, n0s[1:]))  # monotone
+    for s in (0, 50, 99):
+        bs = fam.sample_step(t, fam.groups(t), 4, rng.make_generator(0, rng.TRAIN, s, 0), "cpu", s)
+        n = next(iter(bs.values())).N
+        assert n0s[s] // 2 <= n <= n0s[s], (s, n)
+
+
 def test_precision_auto_resolves_per_device():
     from pipeline.core.module import resolve_precision
 

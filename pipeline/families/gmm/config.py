@@ -16,6 +16,9 @@ class GMMTask:
                                  "m = round(n0_warmup_ratio * n0): cheaper steps while the network learns the "
                                  "coarse task (0 = off; docs/speed.md, time to quality)", min=0)
     n0_warmup_ratio: float = _f(0.5, "sample-size warm-up: its N0 as a fraction of n0", gt=0, max=1)
+    n0_warmup_shape: str = _f("constant", "sample-size warm-up: constant = N0 = round(n0_warmup_ratio * n0) "
+                                          "for every warm-up step; linear = N0 rises linearly from there at "
+                                          "step 0 to n0 at step n0_warmup_steps", choices=("constant", "linear"))
     n_per: str = _f("step", "training: step = one N per step shared by all its tasks (no padding: the fast "
                             "unmasked attention, 25 % fewer tokens); task = one N per task, padded to n0 and masked",
                     choices=("step", "task"))
@@ -42,8 +45,14 @@ def warmup_n0(t: GMMTask) -> int:
 
 
 def n0_at(t: GMMTask, step: int | None) -> int:
-    """The training N0 at a step: the warm-up's for steps < n0_warmup_steps, else n0."""
-    return warmup_n0(t) if step is not None and step < t.n0_warmup_steps else t.n0
+    """The training N0 at a step: the warm-up's for steps < n0_warmup_steps (constant, or rising
+    linearly to n0), else n0."""
+    if step is None or step >= t.n0_warmup_steps:
+        return t.n0
+    m = warmup_n0(t)
+    if t.n0_warmup_shape == "linear":
+        return m + (t.n0 - m) * step // t.n0_warmup_steps
+    return m
 
 
 def check_sample_size(n: int, ks: list[int], where: str) -> None:

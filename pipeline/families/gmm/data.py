@@ -135,19 +135,33 @@ class GMMEstimate:
 
 def _sample_means(B: int, K: int, d: int, g: torch.Generator, device, mean_range: float, max_cosine: float,
                   max_rounds: int) -> Tensor:
-    """Means ~ U(-r, r)^d, each task redrawn while any pair has cosine similarity >= max_cosine."""
-    means = (torch.rand(B, K, d, generator=g, device=device) * 2 - 1) * mean_range
+    """Means ~ U(-r, r)^d conditioned on every pair having cosine similarity < max_cosine.
+
+    Rejection sampling with many iid candidate draws per task at once: each task keeps its first
+    accepted candidate, which has exactly the law of redrawing one at a time until accepted. Tasks
+    with none accepted draw again, twice as many candidates each round (8, 16, 32, ...), so an
+    easy setting costs one small round and a hard one a few: K = 5 in d = 2 accepts 5.5 % of
+    draws, about 50 one-at-a-time rounds for 16 tasks (14 ms, 18 % of a small train step), 1 ms
+    here. max_rounds bounds the draws per task."""
+    means = torch.empty(B, K, d, device=device)
     iu = torch.triu_indices(K, K, offset=1, device=device)
-    for _ in range(max_rounds):
-        unit = torch.nn.functional.normalize(means, dim=-1)
-        cos = unit @ unit.transpose(1, 2)  # (B, K, K)
-        bad = (cos[:, iu[0], iu[1]] >= max_cosine).any(dim=1)  # (B,)
-        if not bad.any():
+    todo = torch.arange(B, device=device)  # tasks still without accepted means
+    drawn, m = 0, 8
+    while drawn < max_rounds:
+        m = min(m, max_rounds - drawn)
+        cand = (torch.rand(len(todo), m, K, d, generator=g, device=device) * 2 - 1) * mean_range
+        unit = torch.nn.functional.normalize(cand, dim=-1)
+        cos = unit @ unit.transpose(-1, -2)  # (b, m, K, K)
+        ok = (cos[..., iu[0], iu[1]] < max_cosine).all(-1)  # (b, m): candidate accepted
+        first = ok.to(torch.uint8).argmax(1)  # (b,) index of the first accepted (0 if none)
+        done = ok.any(1)  # (b,)
+        means[todo[done]] = cand[done, first[done]]
+        todo = todo[~done]
+        if len(todo) == 0:
             return means
-        fresh = (torch.rand(B, K, d, generator=g, device=device) * 2 - 1) * mean_range
-        means = torch.where(bad[:, None, None], fresh, means)  # redraw only the rejected tasks
+        drawn, m = drawn + m, min(2 * m, 1024)
     raise RuntimeError(f"could not draw K={K} means in d={d} with pairwise cosine < {max_cosine} "
-                       f"after {max_rounds} rounds; lower K or raise max_cosine")
+                       f"after {max_rounds} draws; lower K or raise max_cosine")
 
 
 def sample_gmm(batch_size: int, d: int, K: int, n_min: int, n_max: int, generator: torch.Generator,
