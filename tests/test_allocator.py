@@ -9,11 +9,11 @@ import pytest
 CODE = "from pipeline.core.allocator import tune_allocator as t; print(t(), t())"
 
 
-def _run(**env):
+def _run(code: str = CODE, **env):
     full = {k: v for k, v in os.environ.items() if k not in ("PIPELINE_MALLOC", "GLIBC_TUNABLES", "LD_PRELOAD")
             and not k.startswith("MALLOC_")}
     full.update(env)
-    return subprocess.run([sys.executable, "-c", CODE], env=full, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
                           check=True).stdout.split()
 
 
@@ -50,12 +50,5 @@ def test_large_blocks_come_from_the_heap():
     if not hasattr(__import__("ctypes").CDLL("libc.so.6"), "mallinfo2"):
         pytest.skip("glibc without mallinfo2 (< 2.33)")
 
-    def mmapped(**env):
-        full = {k: v for k, v in os.environ.items() if k not in ("PIPELINE_MALLOC", "GLIBC_TUNABLES", "LD_PRELOAD")
-                and not k.startswith("MALLOC_")}
-        full.update(env)
-        out = subprocess.run([sys.executable, "-c", MMAPPED], env=full, capture_output=True, text=True, check=True)
-        return out.stdout.split()[-1]
-
-    assert mmapped() == "False"
-    assert mmapped(PIPELINE_MALLOC="default") == "True"
+    assert _run(MMAPPED)[-1] == "False"
+    assert _run(MMAPPED, PIPELINE_MALLOC="default")[-1] == "True"
